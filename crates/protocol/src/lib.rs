@@ -1,0 +1,1 @@
+//! OpenAI-compatible wire types, internal service messages and the one error envelope.

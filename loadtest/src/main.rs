@@ -1,0 +1,3 @@
+//! loadtest.
+
+fn main() {}
