@@ -1,0 +1,1 @@
+//! Decode/prefill engine: scheduler (pure step), paged latent-KV block pool, executors, TBO, MTP loop

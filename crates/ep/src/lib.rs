@@ -1,0 +1,1 @@
+//! Expert parallelism: placement, EPLB, dispatch/combine over the simulated fabric, EP workers
