@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod generate;
 mod model_cmd;
+mod serve;
+mod services;
 mod sim;
+mod up;
 
 /// pdserve: DeepSeek-V3's inference architecture (prefill/decode disaggregation, expert
 /// parallelism, two-micro-batch overlap, MTP) on a simulated H800 fabric.
@@ -20,6 +23,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Router + one prefill + one decode instance in one process (the quickest start).
+    Up(up::Args),
+    /// The OpenAI front door alone (instances from `[router]` in --config).
+    Router(serve::RouterArgs),
+    /// One prefill instance (`[prefill.<id>]` in --config).
+    Prefill(serve::InstanceArgs),
+    /// One decode instance (`[decode.<id>]` in --config).
+    Decode(serve::InstanceArgs),
     /// Create and inspect checkpoints (`model init`, `model logits`).
     Model(model_cmd::Args),
     /// Generate text from a prompt with the model alone (no services).
@@ -33,6 +44,10 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Router(args) => serve::run_router(args),
+        Command::Prefill(args) => serve::run_prefill(args),
+        Command::Decode(args) => serve::run_decode(args),
         Command::Model(args) => model_cmd::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),

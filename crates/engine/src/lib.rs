@@ -13,8 +13,15 @@
 //!   under simulated time; [`EngineStats`]: gauges and counters.
 //! - Seams: [`Executor`] (the model runs a plan) and [`StepClock`] (the fabric prices it), with the
 //!   stand-ins [`ScriptedExecutor`] and [`LinearStepClock`].
+//! - The real implementations: [`ModelExecutor`] runs plans on pdserve-model's DeepSeek-V3 (paged
+//!   latent cache, per-request seeded samplers, MTP drafting and [`spec`] verification, one forward
+//!   per micro-batch under TBO, DP ranks from [`DpRanks`]) and returns a [`StepRouting`];
+//!   [`FabricStepClock`] prices it on pdserve-fabric's simulated cluster (the real routing of every
+//!   layer, TBO's 5-stage pipeline, Perfetto traces). [`StepDriver`] is the loop body that joins
+//!   scheduler, executor, clock and [`Pacer`]; [`decode_bench`] is `pdserve bench decode`.
 //!
-//! Nothing here is async, reads a clock, sleeps or draws unseeded randomness. One task owns the state
+//! Nothing here is async, reads a clock, sleeps or draws unseeded randomness (the driver and the
+//! benchmark take the time as inputs). One task owns the state
 //! (an actor whose cheap handle sends `add`/`cancel` commands with oneshot replies) and drives the loop:
 //!
 //! ```
@@ -55,27 +62,70 @@
 //! assert_eq!(state.stats().kv_blocks_used, 0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! The same loop on the real model and the simulated fabric (a service constructs these two from
+//! its model directory and config):
+//!
+//! ```no_run
+//! use pdserve_engine::{
+//!     ClockConfig, ExecutorConfig, FabricStepClock, ModelExecutor, Pacer, Request, RequestId,
+//!     Scheduler, SchedulerConfig, StepDriver,
+//! };
+//! use pdserve_model::SamplingParams;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let scheduler = Scheduler::new(SchedulerConfig { spec_tokens: 1, ..SchedulerConfig::default() })?;
+//! let dir = pdserve_model::tiny::ensure_default(None)?;
+//! let clock = FabricStepClock::new(ClockConfig { ep_size: 16, ..ClockConfig::default() })?;
+//! let executor = ModelExecutor::load(&dir, ExecutorConfig::for_scheduler(scheduler.config(), 16))?;
+//! let mut driver = StepDriver::new(scheduler, executor, clock, Pacer::new(1.0)?);
+//! driver.state_mut().add_request(Request::new(RequestId(1), vec![0, 17, 42], SamplingParams::greedy()))?;
+//! let origin = std::time::Instant::now();
+//! let mut now = || origin.elapsed().as_nanos() as u64;
+//! while driver.state().has_work() {
+//!     let start = now();
+//!     let report = driver.step(start, &mut now)?;
+//!     std::thread::sleep(std::time::Duration::from_nanos(report.pace.wait_ns));
+//!     // stream report.updates; report.sim_ns is the step's simulated time, report.pace.lag_ns its lag
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod block_pool;
+mod clock;
 mod config;
+pub mod decode_bench;
+mod dp;
+mod driver;
 mod executor;
 mod latent_store;
 mod microbatch;
+mod model_exec;
 mod pacing;
 mod plan;
 mod scheduler;
 mod sequence;
+pub mod spec;
 mod state;
 mod stats;
 mod stop;
 
 pub use block_pool::{BLOCK_SIZE_TOKENS, BlockId, BlockPool, PoolError, blocks_for_tokens};
+pub use clock::{ClockConfig, ClockError, FabricStepClock, RoutingSource, StepTiming};
 pub use config::{ConfigError, SchedulerConfig};
+pub use decode_bench::{DecodeBenchConfig, DecodeBenchReport, run_decode_bench};
+pub use dp::DpRanks;
+pub use driver::{StepDriver, StepReport};
 pub use executor::{
     Executor, LinearStepClock, ScriptedExecutor, SeqOutput, StepClock, StepOutputs,
 };
 pub use latent_store::{CpuLatentStore, LatentRows, LatentShape, LatentStore, StoreError};
 pub use microbatch::{MicroBatchSplit, WorkItem, WorkWeights, split_two};
+pub use model_exec::{
+    ArrivedKv, DraftMode, ExecError, ExecStats, ExecutorConfig, ExpertBackend, ModelExecutor,
+    RoutedRequest, StepRouting,
+};
 pub use pacing::{Pace, Pacer, PacerError};
 pub use plan::{DecodeItem, KvLoad, PrefillChunk, StepPlan};
 pub use scheduler::Scheduler;

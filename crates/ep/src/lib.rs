@@ -13,8 +13,13 @@
 //! - [`eplb`]: DeepSeek's EPLB, hierarchical and global policies, producing [`EplbPlan`]s.
 //! - [`Balance`]: per-GPU load balance (balancedness = mean / max, and max / mean).
 //! - [`Rebalancer`]: the pure policy that says when to re-run EPLB, with a [`RebalancerConfig`].
+//! - [`EpGroup`] (from an [`EpRuntimeConfig`]): the EP runtime, `D` ranks that own their experts'
+//!   weights and run the model's routed experts ([`pdserve_model::MoeExperts`]) through a
+//!   dispatch/combine transport, recording [`StepTraffic`] for the fabric, load statistics for
+//!   EPLB, and rebalancing between steps ([`runtime`] module).
 //!
-//! `docs/eplb.md` describes the algorithms and reports measured balance at EP 8/32/144.
+//! `docs/eplb.md` describes the algorithms, reports measured balance at EP 8/32/144, and
+//! describes the EP runtime with its measured cost.
 //!
 //! # Example
 //!
@@ -58,6 +63,7 @@ pub mod eplb;
 mod error;
 mod placement;
 mod rebalance;
+pub mod runtime;
 mod stats;
 pub mod synthetic;
 
@@ -66,4 +72,8 @@ pub use eplb::{EplbParams, EplbPlan, EplbPolicy, rebalance_experts};
 pub use error::EpError;
 pub use placement::{ExpertPlacement, PlacementConfig, ReplicaPolicy, SharedExpertPlacement};
 pub use rebalance::{PolicyChoice, Rebalancer, RebalancerConfig};
+pub use runtime::{
+    DispatchMatrix, EpBatch, EpGroup, EpRank, EpRuntimeConfig, EpRuntimeError, LayerBalance,
+    LayerTraffic, RankLayer, RebalanceReport, StepTraffic, WeightMoves,
+};
 pub use stats::{ExpertLoad, ExpertLoadStats, LOAD_FILE_VERSION, LoadWindow};

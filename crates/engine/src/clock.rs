@@ -1,0 +1,483 @@
+//! [`FabricStepClock`]: prices an executed step on the simulated fabric (pdserve-fabric).
+//!
+//! For a plan and the [`StepRouting`] its execution produced, the clock builds the fabric's
+//! [`StepBatch`] (per DP rank, the step's requests with their cached and new tokens, micro-batch 0's
+//! requests first), one [`LayerRouting`] per real MoE layer from the real expert choices, the MTP
+//! layer's routing, the placement and the schedule, and asks [`Fabric::simulate_step`] for the
+//! step's timeline. Its duration is the step's simulated time.
+//!
+//! - **Routing reuse.** The modeled model usually has more MoE layers than the real one (DeepSeek-V3:
+//!   58, or 61 in analysis mode, against the tiny model's 3); the fabric prices modeled MoE layer `i`
+//!   with real MoE layer `i mod real`, in order, cyclically. [`FabricStepClock::routing_note`] states
+//!   it for reports. [`RoutingSource::Balanced`] replaces the real choices by the fabric's
+//!   perfectly balanced routing (the paper's assumption in its speed-limit analysis).
+//! - **MTP layer.** The MTP module runs on the tokens it can draft from (one or two per decode), the
+//!   fabric's MTP layer on the step's tokens; each request's MTP rows are laid over its main rows in
+//!   order, cyclically (a request without MTP rows keeps its last main layer's choices).
+//! - **Micro-batches.** With two-batch overlap the fabric splits each rank's tokens at the request
+//!   boundary nearest half (each GPU splits its own requests, as DeepSeek's DP attention does);
+//!   requests are ordered by the plan's micro-batch, so the split follows the plan's assignment
+//!   wherever that assignment is balanced per rank.
+//! - **Schedule.** Two-batch overlap on (the plan has micro-batches): DeepSeek's 5-stage decode
+//!   pipeline ([`Schedule::TwoBatchOverlap`]); off: [`Schedule::SingleBatch`].
+//!
+//! The clock is deterministic: the same plan and routing give the same duration.
+
+use serde::{Deserialize, Serialize};
+
+use pdserve_fabric::{
+    DispatchPath, ExpertPlacement, Fabric, FabricConfig, FabricError, HardwareProfile, LayerRouting,
+    ModelShape, Mode, Phase, RankBatch, RequestSlot, RoutingKind, Schedule, StepBatch, StepInput,
+    StepOutcome, SyntheticRouting, Trace,
+};
+
+use crate::executor::StepClock;
+use crate::model_exec::StepRouting;
+use crate::plan::StepPlan;
+
+/// Where the expert choices that price a step come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingSource {
+    /// The real model's routing of the step.
+    #[default]
+    Real,
+    /// The fabric's balanced routing (every expert equally loaded), as the paper's analysis assumes;
+    /// the real choices are computed but do not price the step.
+    Balanced,
+}
+
+/// The modeled cluster a clock prices steps on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClockConfig {
+    /// Hardware profile: a built-in name (`h800`, `h100`, `gb200-nvl72`) or a TOML path.
+    pub hardware: String,
+    /// Modeled model: a built-in shape (`deepseek-v3`, …) or a `config.json` path.
+    pub model: String,
+    /// Override of the modeled hidden size (the paper's "7K" is 7000; DeepSeek-V3's is 7168).
+    pub hidden_size: Option<u64>,
+    /// `analysis` (the paper's assumptions) or `detailed` (topology, contention, compute).
+    pub mode: Mode,
+    /// `forwarded` (DeepEP normal kernels) or `direct` (DeepEP low-latency V1).
+    pub path: DispatchPath,
+    /// `decode` or `prefill`: which stage program prices the step.
+    pub phase: Phase,
+    /// GPUs in the EP group, each a DP attention rank (the executor's `dp_ranks`).
+    pub ep_size: u32,
+    /// Redundant expert copies per layer, spread evenly over the experts (placement is contiguous
+    /// otherwise).
+    pub redundant_experts: u32,
+    /// Expert choices that price the step.
+    pub routing: RoutingSource,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        Self {
+            hardware: "h800".into(),
+            model: "deepseek-v3".into(),
+            hidden_size: None,
+            mode: Mode::Detailed,
+            path: DispatchPath::Forwarded,
+            phase: Phase::Decode,
+            ep_size: 8,
+            redundant_experts: 0,
+            routing: RoutingSource::Real,
+        }
+    }
+}
+
+/// Errors of the clock.
+#[derive(Debug, thiserror::Error)]
+pub enum ClockError {
+    /// The fabric refused the configuration or the step (the message names the field).
+    #[error(transparent)]
+    Fabric(#[from] FabricError),
+    /// The step's routing cannot be priced; names what is wrong.
+    #[error("step routing: {0}")]
+    Routing(String),
+    /// A setting is unusable; names the field.
+    #[error("clock config: `{field}` {problem}")]
+    Config {
+        /// The field at fault.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// The priced step.
+#[derive(Clone, Debug)]
+pub struct StepTiming {
+    /// Simulated duration, ns.
+    pub duration_ns: u64,
+    /// The schedule that priced it.
+    pub schedule: Schedule,
+    /// Whether the MTP layer was priced.
+    pub mtp: bool,
+    /// The fabric's outcome (per-layer ends, collectives, busy times; no trace).
+    pub outcome: StepOutcome,
+}
+
+/// Prices steps on a [`Fabric`]; see the module docs.
+#[derive(Debug)]
+pub struct FabricStepClock {
+    fabric: Fabric,
+    placement: ExpertPlacement,
+    config: ClockConfig,
+    record_next: bool,
+    last: Option<StepTiming>,
+    last_trace: Option<Trace>,
+    last_error: Option<ClockError>,
+    errors_total: u64,
+}
+
+impl FabricStepClock {
+    /// A clock for `config`: loads the profile and the shape, builds the fabric and a contiguous
+    /// placement (plus `redundant_experts` copies) and checks that it fits the GPUs.
+    pub fn new(config: ClockConfig) -> Result<Self, ClockError> {
+        let profile = HardwareProfile::load(&config.hardware)?;
+        let mut shape = ModelShape::load(&config.model)?;
+        if let Some(h) = config.hidden_size {
+            shape.hidden_size = h;
+        }
+        if config.ep_size == 0 {
+            return Err(ClockError::Config {
+                field: "ep_size",
+                problem: "must be at least 1".into(),
+            });
+        }
+        let fabric = Fabric::new(FabricConfig {
+            profile,
+            shape: shape.clone(),
+            ep_size: config.ep_size,
+            mode: config.mode,
+            path: config.path,
+        })?;
+        let experts = u32::try_from(shape.n_routed_experts).map_err(|_| ClockError::Config {
+            field: "model",
+            problem: format!("{} routed experts is too many", shape.n_routed_experts),
+        })?;
+        if experts == 0 {
+            return Err(ClockError::Config {
+                field: "model",
+                problem: "the modeled shape has no routed experts: nothing for the EP fabric to price"
+                    .into(),
+            });
+        }
+        let placement = ExpertPlacement::contiguous(experts, config.ep_size)?
+            .with_redundant(config.redundant_experts, None)?;
+        fabric.check_placement(&placement, shape.num_nextn_predict_layers > 0)?;
+        Ok(Self {
+            fabric,
+            placement,
+            config,
+            record_next: false,
+            last: None,
+            last_trace: None,
+            last_error: None,
+            errors_total: 0,
+        })
+    }
+
+    /// Replaces the placement (e.g. the EP runtime's after rebalancing); checked against the fabric.
+    pub fn set_placement(&mut self, placement: ExpertPlacement) -> Result<(), ClockError> {
+        let mtp = self.fabric.shape().num_nextn_predict_layers > 0;
+        self.fabric.check_placement(&placement, mtp)?;
+        self.placement = placement;
+        Ok(())
+    }
+
+    /// Checks that the real model's routing can be priced: its expert ids fit the modeled experts.
+    pub fn check_real_model(&self, n_routed_experts: usize) -> Result<(), ClockError> {
+        let modeled = self.fabric.shape().n_routed_experts;
+        if n_routed_experts as u64 > modeled {
+            return Err(ClockError::Config {
+                field: "model",
+                problem: format!(
+                    "the real model routes over {n_routed_experts} experts but the modeled shape has \
+                     only {modeled}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The fabric.
+    pub fn fabric(&self) -> &Fabric {
+        &self.fabric
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClockConfig {
+        &self.config
+    }
+
+    /// The placement in use.
+    pub fn placement(&self) -> &ExpertPlacement {
+        &self.placement
+    }
+
+    /// Records the timeline of the next priced step ([`FabricStepClock::take_trace`]).
+    pub fn record_next_step(&mut self) {
+        self.record_next = true;
+    }
+
+    /// The recorded timeline, if any (export with [`Trace::to_chrome_json`]).
+    pub fn take_trace(&mut self) -> Option<Trace> {
+        self.last_trace.take()
+    }
+
+    /// The last priced step.
+    pub fn last_timing(&self) -> Option<&StepTiming> {
+        self.last.as_ref()
+    }
+
+    /// The last error of the [`StepClock`] interface (which returns 0 ns for a step it cannot price),
+    /// taken.
+    pub fn take_error(&mut self) -> Option<ClockError> {
+        self.last_error.take()
+    }
+
+    /// Steps the [`StepClock`] interface could not price.
+    pub fn errors_total(&self) -> u64 {
+        self.errors_total
+    }
+
+    /// Modeled MoE layers of the main model (every layer in analysis mode, as the paper counts).
+    pub fn modeled_moe_layers(&self) -> u64 {
+        let s = self.fabric.shape();
+        match self.config.mode {
+            Mode::Analysis => s.num_hidden_layers,
+            Mode::Detailed => s.moe_layers(),
+        }
+    }
+
+    /// One sentence on how the real routing prices the modeled layers, for reports.
+    pub fn routing_note(&self, real_moe_layers: usize) -> String {
+        let modeled = self.modeled_moe_layers();
+        match self.config.routing {
+            RoutingSource::Balanced => format!(
+                "{modeled} modeled MoE layers priced with balanced routing (the paper's assumption); \
+                 the real model's expert choices do not price the step"
+            ),
+            RoutingSource::Real => format!(
+                "{modeled} modeled MoE layers priced with the real model's {real_moe_layers} MoE \
+                 layers' routing, reused in order, cyclically"
+            ),
+        }
+    }
+
+    /// Prices `plan` given its routing; see the module docs. An idle plan costs 0.
+    pub fn simulate<P>(
+        &mut self,
+        plan: &StepPlan<P>,
+        routing: &StepRouting,
+    ) -> Result<StepTiming, ClockError> {
+        let record = std::mem::take(&mut self.record_next);
+        let schedule = if plan.micro_batch_work.is_some() {
+            Schedule::TwoBatchOverlap
+        } else {
+            Schedule::SingleBatch
+        };
+        let mtp = plan.spec_tokens > 0 && self.fabric.shape().num_nextn_predict_layers > 0;
+        if plan.is_idle() || routing.num_rows == 0 {
+            let timing = StepTiming {
+                duration_ns: 0,
+                schedule,
+                mtp,
+                outcome: StepOutcome {
+                    duration_us: 0.0,
+                    layer_end_us: Vec::new(),
+                    stage_busy_us: Vec::new(),
+                    collectives: Vec::new(),
+                    compute_busy_us: 0.0,
+                    tokens: 0,
+                    trace: None,
+                },
+            };
+            self.last = Some(timing.clone());
+            return Ok(timing);
+        }
+        let layout = RankLayout::new(routing, self.config.ep_size)?;
+        let tokens_per_rank = layout.batch.tokens_per_rank();
+        let (layers, mtp_routing) = match self.config.routing {
+            RoutingSource::Balanced => {
+                let router = SyntheticRouting::for_shape(self.fabric.shape(), RoutingKind::Balanced)?;
+                (router.generate_layers(&tokens_per_rank, 0, routing.layers.len().max(1))?, None)
+            }
+            RoutingSource::Real => {
+                if routing.layers.is_empty() {
+                    return Err(ClockError::Routing(
+                        "the real model reported no MoE layer; use `routing = \"balanced\"` to price \
+                         a dense model on an MoE shape"
+                            .into(),
+                    ));
+                }
+                let layers = routing
+                    .layers
+                    .iter()
+                    .map(|l| layout.layer(&l.routing, &tokens_per_rank))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mtp_routing = match (&routing.mtp, routing.layers.last()) {
+                    (Some(m), Some(last)) if mtp => Some(layout.mtp_layer(
+                        &m.routing,
+                        &last.routing,
+                        &tokens_per_rank,
+                    )?),
+                    _ => None,
+                };
+                (layers, mtp_routing)
+            }
+        };
+        let mut outcome = self.fabric.simulate_step(&StepInput {
+            phase: self.config.phase,
+            batch: &layout.batch,
+            routing: &layers,
+            mtp_routing: mtp_routing.as_ref(),
+            placements: std::slice::from_ref(&self.placement),
+            schedule,
+            mtp,
+            record_trace: record,
+        })?;
+        if record {
+            self.last_trace = outcome.trace.take();
+        }
+        let timing = StepTiming {
+            duration_ns: (outcome.duration_us * 1e3).round().max(0.0) as u64,
+            schedule,
+            mtp,
+            outcome,
+        };
+        self.last = Some(timing.clone());
+        Ok(timing)
+    }
+}
+
+impl<P> StepClock<P, StepRouting> for FabricStepClock {
+    /// The simulated duration; a step that cannot be priced costs 0 and its error is kept for
+    /// [`FabricStepClock::take_error`] (and counted), never silently dropped.
+    fn step_duration_ns(&mut self, plan: &StepPlan<P>, routing: &StepRouting) -> u64 {
+        match self.simulate(plan, routing) {
+            Ok(t) => t.duration_ns,
+            Err(e) => {
+                self.errors_total += 1;
+                self.last_error = Some(e);
+                0
+            }
+        }
+    }
+}
+
+/// The step's requests laid out per rank: the fabric's batch and, per rank, the routing rows in
+/// the fabric's token order.
+struct RankLayout {
+    batch: StepBatch,
+    /// Per rank, `(request index, index among the request's rows, main row)` of each token.
+    rows: Vec<Vec<(usize, usize, usize)>>,
+    /// MTP rows of each request.
+    mtp_rows: Vec<std::ops::Range<usize>>,
+}
+
+impl RankLayout {
+    fn new(routing: &StepRouting, ep_size: u32) -> Result<Self, ClockError> {
+        let mut order: Vec<usize> = (0..routing.requests.len())
+            .filter(|&i| !routing.requests[i].rows.is_empty())
+            .collect();
+        order.sort_by_key(|&i| {
+            let r = &routing.requests[i];
+            (r.rank, r.micro_batch, i)
+        });
+        let mut ranks = vec![RankBatch::default(); ep_size as usize];
+        let mut rows = vec![Vec::new(); ep_size as usize];
+        for i in order {
+            let r = &routing.requests[i];
+            let (Some(rank), Some(rank_rows)) =
+                (ranks.get_mut(r.rank as usize), rows.get_mut(r.rank as usize))
+            else {
+                return Err(ClockError::Routing(format!(
+                    "request {} is on DP rank {} but the EP group has {ep_size} GPUs (the executor's \
+                     `dp_ranks` must equal the clock's `ep_size`)",
+                    r.id, r.rank
+                )));
+            };
+            if r.rows.end > routing.num_rows || r.mtp_rows.end > routing.num_mtp_rows {
+                return Err(ClockError::Routing(format!(
+                    "request {} has rows {:?} / MTP rows {:?} beyond the step's {} / {} rows",
+                    r.id, r.rows, r.mtp_rows, routing.num_rows, routing.num_mtp_rows
+                )));
+            }
+            rank.requests.push(RequestSlot {
+                cached_tokens: u32::try_from(r.cached_tokens).unwrap_or(u32::MAX),
+                new_tokens: r.rows.len() as u32,
+            });
+            rank_rows.extend(r.rows.clone().enumerate().map(|(j, row)| (i, j, row)));
+        }
+        Ok(Self {
+            batch: StepBatch { ranks },
+            rows,
+            mtp_rows: routing.requests.iter().map(|r| r.mtp_rows.clone()).collect(),
+        })
+    }
+
+    /// A fabric routing of `top_k` experts per token whose token `(request, j, row)` takes the
+    /// experts of the row `pick` names in the routing `pick` names.
+    fn fill<'r>(
+        &self,
+        top_k: usize,
+        tokens_per_rank: &[u32],
+        pick: impl Fn(usize, usize, usize) -> (&'r pdserve_model::Routing, usize),
+    ) -> Result<LayerRouting, ClockError> {
+        let total: usize = self.rows.iter().map(Vec::len).sum();
+        let mut experts = Vec::with_capacity(total * top_k);
+        for rank_rows in &self.rows {
+            for &(req, j, row) in rank_rows {
+                let (routing, src) = pick(req, j, row);
+                if routing.top_k != top_k {
+                    return Err(ClockError::Routing(format!(
+                        "layers route to {} and {top_k} experts per token",
+                        routing.top_k
+                    )));
+                }
+                let ids = routing.ids.get(src * top_k..(src + 1) * top_k).ok_or_else(|| {
+                    ClockError::Routing(format!(
+                        "row {src} is beyond the {} routed tokens of a layer",
+                        routing.tokens()
+                    ))
+                })?;
+                for &e in ids {
+                    experts.push(u16::try_from(e).map_err(|_| {
+                        ClockError::Routing(format!("expert id {e} does not fit the fabric's 16 bits"))
+                    })?);
+                }
+            }
+        }
+        Ok(LayerRouting::new(top_k, tokens_per_rank, experts)?)
+    }
+
+    /// One main MoE layer, row for row.
+    fn layer(
+        &self,
+        routing: &pdserve_model::Routing,
+        tokens_per_rank: &[u32],
+    ) -> Result<LayerRouting, ClockError> {
+        self.fill(routing.top_k, tokens_per_rank, |_, _, row| (routing, row))
+    }
+
+    /// The MTP layer: each request's MTP rows laid over its main rows cyclically; a request without
+    /// MTP rows keeps `fallback`'s (its last main layer's) choices.
+    fn mtp_layer(
+        &self,
+        mtp: &pdserve_model::Routing,
+        fallback: &pdserve_model::Routing,
+        tokens_per_rank: &[u32],
+    ) -> Result<LayerRouting, ClockError> {
+        self.fill(mtp.top_k, tokens_per_rank, |req, j, row| {
+            match self.mtp_rows.get(req).filter(|m| !m.is_empty()) {
+                Some(m) => (mtp, m.start + j % m.len()),
+                None => (fallback, row),
+            }
+        })
+    }
+}

@@ -1,0 +1,453 @@
+//! The model-backed decode engine: scheduler + [`ModelExecutor`] on the tiny golden checkpoint +
+//! [`FabricStepClock`] + pacer. Token identity under MTP, TBO, batching and preemption; arrived KV;
+//! the fabric's pricing of TBO; traces.
+
+mod common;
+
+use common::{Knobs, Req, add, driver, finish, model, requests, run};
+use pdserve_engine::{
+    ClockConfig, DraftMode, Executor, ExecutorConfig, FabricStepClock, ModelExecutor, Request,
+    RequestId, RoutedRequest, Scheduler, SchedulerConfig, StepPlan, StepRouting, StopConditions,
+    WorkWeights,
+};
+use pdserve_fabric::Schedule;
+use pdserve_model::{LayerRouting as ModelLayerRouting, Routing, SamplingParams};
+
+#[test]
+fn greedy_output_is_identical_with_mtp_on_and_off() {
+    let reqs = requests(6, 0.0, 24);
+    let off = run(&Knobs::default(), &reqs);
+    let on = run(
+        &Knobs {
+            mtp: true,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    assert_eq!(on.tokens, off.tokens);
+    assert!(on.tokens.values().all(|t| t.len() == 24));
+    // Drafts were verified on every decode after the first, some accepted.
+    assert!(on.engine.spec_draft_tokens_total > 60, "{:?}", on.engine);
+    assert!(on.engine.spec_accepted_tokens_total > 0, "{:?}", on.engine);
+    assert_eq!(
+        on.engine.spec_accepted_per_pos,
+        vec![on.engine.spec_accepted_tokens_total]
+    );
+    assert_eq!(
+        on.exec.drafts_accepted_per_pos,
+        vec![on.engine.spec_accepted_tokens_total]
+    );
+    // Accepted drafts give two tokens in one step: fewer steps for the same output.
+    assert!(on.reports.len() < off.reports.len());
+}
+
+#[test]
+fn seeded_sampling_gives_the_same_tokens_with_mtp_on_and_off() {
+    let reqs = requests(6, 0.8, 20);
+    let off = run(&Knobs::default(), &reqs);
+    let on = run(
+        &Knobs {
+            mtp: true,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    assert_eq!(on.tokens, off.tokens);
+    assert!(on.engine.spec_draft_tokens_total > 0);
+}
+
+#[test]
+fn sampled_drafts_with_greedy_parameters_decode_greedily() {
+    // DraftMode::Sample verifies with the standard rule; with greedy parameters p and q are point
+    // masses, so the output is the greedy output.
+    let reqs = requests(4, 0.0, 16);
+    let greedy = run(&Knobs::default(), &reqs);
+    let sampled = run(
+        &Knobs {
+            mtp: true,
+            draft: DraftMode::Sample,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    assert_eq!(sampled.tokens, greedy.tokens);
+    assert!(sampled.engine.spec_draft_tokens_total > 0);
+}
+
+#[test]
+fn sampled_drafts_run_sampled_requests_to_completion() {
+    let reqs = requests(4, 1.0, 16);
+    let a = run(
+        &Knobs {
+            mtp: true,
+            draft: DraftMode::Sample,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    assert!(a.tokens.values().all(|t| t.len() == 16));
+    assert_eq!(a.engine.kv_blocks_used, 0);
+    // Seeds make the standard rule's draws reproducible too.
+    let b = run(
+        &Knobs {
+            mtp: true,
+            draft: DraftMode::Sample,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    assert_eq!(a.tokens, b.tokens);
+}
+
+#[test]
+fn tokens_are_identical_with_tbo_on_and_off() {
+    let reqs = requests(8, 0.7, 16);
+    let base = Knobs {
+        mtp: true,
+        ..Knobs::default()
+    };
+    let off = run(&base, &reqs);
+    let on = run(
+        &Knobs {
+            tbo: true,
+            ..base.clone()
+        },
+        &reqs,
+    );
+    assert_eq!(on.tokens, off.tokens);
+    // With TBO each step ran as two forwards (two micro-batches) whenever it had two sequences.
+    assert!(on.exec.forwards_total > off.exec.forwards_total);
+    let one_forward = run(
+        &Knobs {
+            tbo: true,
+            split_micro_batches: false,
+            ..base
+        },
+        &reqs,
+    );
+    assert_eq!(one_forward.tokens, off.tokens);
+}
+
+#[test]
+fn a_seeded_request_gives_the_same_tokens_alone_and_in_a_batch() {
+    let reqs = requests(8, 0.9, 12);
+    let batch = run(&Knobs::default(), &reqs);
+    for r in [&reqs[2], &reqs[5]] {
+        let alone = run(&Knobs::default(), std::slice::from_ref(r));
+        assert_eq!(alone.tokens[&r.id], batch.tokens[&r.id], "request {}", r.id);
+    }
+    // The loop finished every request, freed every block, and priced every step.
+    assert_eq!(batch.engine.requests_finished_total.length, 8);
+    assert_eq!(batch.engine.kv_blocks_used, 0);
+    assert!(batch.reports.iter().all(|r| r.idle || r.sim_ns > 0));
+}
+
+#[test]
+fn preemption_does_not_change_tokens() {
+    let reqs = requests(6, 0.8, 40);
+    let roomy = run(
+        &Knobs {
+            mtp: true,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    // 6 blocks of 64 tokens for six sequences of up to 80 tokens: some are preempted and
+    // recomputed (their samplers continue, their MTP state restarts).
+    let tight = run(
+        &Knobs {
+            mtp: true,
+            num_kv_blocks: 6,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    assert!(tight.engine.preemptions_total > 0, "{:?}", tight.engine);
+    assert_eq!(tight.tokens, roomy.tokens);
+}
+
+#[test]
+fn pacing_waits_for_simulated_time_and_counts_lag_when_the_host_is_slow() {
+    // The fake host computes each step in 1 ms; detailed H800 steps take tens of simulated ms.
+    let reqs = requests(2, 0.0, 4);
+    let paced = run(&Knobs::default(), &reqs);
+    for s in paced.reports.iter().filter(|s| !s.idle) {
+        assert!(s.sim_ns > s.real_ns);
+        assert_eq!((s.pace.lag_ns, s.pace.wait_ns), (0, s.sim_ns - s.real_ns));
+    }
+    // At time_scale 0.001 the same steps are due after a few tens of µs: every step is late by
+    // its real time minus its scaled simulated time, and the lag is summed, not hidden.
+    let late = run(
+        &Knobs {
+            time_scale: 0.001,
+            ..Knobs::default()
+        },
+        &reqs,
+    );
+    let busy: Vec<_> = late.reports.iter().filter(|s| !s.idle).collect();
+    assert!(!busy.is_empty());
+    for s in &busy {
+        let scaled = (s.sim_ns as f64 * 0.001).round() as u64;
+        assert_eq!(s.pace.lag_ns, s.real_ns - scaled);
+        assert_eq!(s.pace.wait_ns, 0);
+    }
+    assert_eq!(
+        late.lag_ns_total,
+        late.reports.iter().map(|s| s.pace.lag_ns).sum::<u64>()
+    );
+    assert_eq!(late.tokens, paced.tokens);
+}
+
+/// Runs one request's prompt on a "prefill instance" (retaining its KV), exports the KV and the
+/// first token, and decodes it on a "decode instance" from the arrived KV.
+fn prefill_then_decode(req: &Req, mtp: bool) -> Vec<u32> {
+    let knobs = Knobs {
+        mtp,
+        ..Knobs::default()
+    };
+    let mut prefill = driver(&knobs);
+    let stop = StopConditions {
+        max_tokens: Some(1),
+        ..StopConditions::default()
+    };
+    prefill
+        .state_mut()
+        .add_request(
+            Request::new(RequestId(req.id), req.prompt.clone(), req.params)
+                .with_stop(stop)
+                .with_retained_kv(),
+        )
+        .expect("admitted");
+    let mut first = None;
+    let mut t = 0;
+    while prefill.state().has_work() {
+        let r = prefill.step(t, &mut || t + 1).expect("step");
+        t += 10;
+        first = first.or(r.updates.iter().find_map(|u| u.tokens.first().copied()));
+    }
+    let first = first.expect("the prefill sampled a token");
+    let table = prefill.state().block_table(RequestId(req.id)).to_vec();
+    let kv = prefill
+        .executor()
+        .export_kv(&table, req.prompt.len())
+        .expect("export");
+
+    let mut decode = driver(&knobs);
+    decode
+        .executor_mut()
+        .stage_arrived_kv(RequestId(req.id), kv)
+        .expect("staged");
+    let stop = StopConditions {
+        max_tokens: Some(req.max_tokens),
+        ..StopConditions::default()
+    };
+    decode
+        .state_mut()
+        .add_request(
+            Request::new(RequestId(req.id), req.prompt.clone(), req.params)
+                .with_stop(stop)
+                .with_kv_arrived(first),
+        )
+        .expect("admitted");
+    let out = finish(decode);
+    assert_eq!(out.exec.kv_loads_total, 1);
+    let mut tokens = vec![first];
+    tokens.extend(&out.tokens[&req.id]);
+    tokens
+}
+
+#[test]
+fn arrived_kv_decodes_exactly_like_a_local_prefill() {
+    for mtp in [false, true] {
+        // Greedy: the decode instance's sampler starts fresh, so seeded sampling would differ in
+        // draws after the first token; greedy tokens must be identical.
+        let reqs = requests(3, 0.0, 12);
+        let local = run(
+            &Knobs {
+                mtp,
+                ..Knobs::default()
+            },
+            &reqs,
+        );
+        for r in &reqs {
+            let remote = prefill_then_decode(r, mtp);
+            assert_eq!(remote.len(), 12);
+            assert_eq!(remote, local.tokens[&r.id], "request {} mtp {mtp}", r.id);
+        }
+    }
+}
+
+#[test]
+fn a_missing_arrived_kv_fails_only_its_request() {
+    let mut d = driver(&Knobs::default());
+    let reqs = requests(2, 0.0, 4);
+    add(&mut d, &reqs[..1]);
+    d.state_mut()
+        .add_request(
+            Request::new(RequestId(77), vec![5, 6, 7], SamplingParams::greedy()).with_kv_arrived(9),
+        )
+        .expect("admitted");
+    let out = finish(d);
+    assert_eq!(out.tokens[&0].len(), 4);
+    assert!(
+        out.tokens.get(&77).is_none_or(Vec::is_empty),
+        "no token after the one that arrived, then an error finish"
+    );
+    assert_eq!(out.engine.requests_finished_total.error, 1);
+    assert_eq!(out.exec.failed_seqs_total, 1);
+}
+
+/// Real routing of one decode step of the tiny model (16 requests).
+fn real_decode_routing() -> StepRouting {
+    let (m, e) = model();
+    let scheduler = Scheduler::new(SchedulerConfig {
+        num_kv_blocks: 32,
+        max_context_tokens: 128,
+        ..SchedulerConfig::default()
+    })
+    .expect("scheduler");
+    let mut state = scheduler.new_state();
+    for r in requests(16, 0.0, 8) {
+        state
+            .add_request(Request::new(RequestId(r.id), r.prompt, r.params))
+            .expect("admitted");
+    }
+    let mut exec = ModelExecutor::new(m, e, ExecutorConfig::for_scheduler(scheduler.config(), 16))
+        .expect("executor");
+    loop {
+        let plan = scheduler.step(0, &mut state).expect("plan");
+        let out = exec.execute(&plan).expect("step");
+        if plan.prefills.is_empty() {
+            return out.routing;
+        }
+        state.apply(out.seqs).expect("apply");
+    }
+}
+
+/// `ranks × per_rank` one-token decodes at `context` tokens whose expert choices cycle through the
+/// rows of `real` (the tiny model's routing), micro-batches alternating within each rank.
+fn replicate(real: &StepRouting, ranks: u32, per_rank: usize, context: usize) -> StepRouting {
+    let n = ranks as usize * per_rank;
+    let layers = real
+        .layers
+        .iter()
+        .map(|l| {
+            let k = l.routing.top_k;
+            let rows = l.routing.tokens();
+            let ids = (0..n)
+                .flat_map(|t| l.routing.ids[(t % rows) * k..(t % rows + 1) * k].to_vec())
+                .collect();
+            ModelLayerRouting {
+                layer: l.layer,
+                routing: Routing {
+                    top_k: k,
+                    ids,
+                    weights: vec![1.0; n * k],
+                },
+            }
+        })
+        .collect();
+    StepRouting {
+        requests: (0..n)
+            .map(|t| RoutedRequest {
+                id: RequestId(t as u64),
+                rank: (t / per_rank) as u32,
+                micro_batch: (t % 2) as u8,
+                cached_tokens: context,
+                rows: t..t + 1,
+                mtp_rows: 0..0,
+            })
+            .collect(),
+        num_rows: n,
+        num_mtp_rows: 0,
+        layers,
+        mtp: None,
+    }
+}
+
+fn plan_with(tbo: bool) -> StepPlan<()> {
+    // The clock reads the plan's schedule (micro-batches or not) and speculation; the batch itself
+    // comes from the routing.
+    let scheduler = Scheduler::new(SchedulerConfig {
+        two_batch_overlap: tbo.then(WorkWeights::default),
+        ..SchedulerConfig::default()
+    })
+    .expect("scheduler");
+    let mut state = scheduler.new_state::<()>();
+    state
+        .add_request(Request::new(RequestId(0), vec![1], ()))
+        .expect("admitted");
+    scheduler.step(0, &mut state).expect("plan")
+}
+
+#[test]
+fn tbo_shortens_the_simulated_step_on_a_communication_heavy_configuration() {
+    // DeepSeek's production decode unit: EP144 on 18 H800 nodes, 32 redundant experts (2 routed +
+    // 1 shared expert per GPU), 64 decodes per GPU at a 4K context. Few weights per GPU and many
+    // tokens crossing InfiniBand make communication matter; the expert choices are the tiny
+    // model's real routing, replicated over the 9,216 tokens.
+    let real = real_decode_routing();
+    assert!(!real.layers.is_empty());
+    let routing = replicate(&real, 144, 64, 4096);
+    let mut clock = FabricStepClock::new(ClockConfig {
+        ep_size: 144,
+        redundant_experts: 32,
+        ..ClockConfig::default()
+    })
+    .expect("clock");
+    let tbo = clock.simulate(&plan_with(true), &routing).expect("tbo");
+    let single = clock.simulate(&plan_with(false), &routing).expect("single");
+    assert_eq!(
+        (tbo.schedule, single.schedule),
+        (Schedule::TwoBatchOverlap, Schedule::SingleBatch)
+    );
+    assert_eq!(tbo.outcome.tokens, 144 * 64);
+    assert!(
+        tbo.duration_ns < single.duration_ns * 95 / 100,
+        "TBO {} ns vs single batch {} ns",
+        tbo.duration_ns,
+        single.duration_ns
+    );
+    // Deterministic.
+    let again = clock.simulate(&plan_with(true), &routing).expect("tbo");
+    assert_eq!(again.duration_ns, tbo.duration_ns);
+}
+
+#[test]
+fn a_step_dumps_as_a_perfetto_trace() {
+    let mut d = driver(&Knobs {
+        tbo: true,
+        ..Knobs::default()
+    });
+    add(&mut d, &requests(4, 0.0, 3));
+    let mut t = 0;
+    let mut traced = 0;
+    while d.state().has_work() {
+        d.clock_mut().record_next_step();
+        let r = d.step(t, &mut || t + 1).expect("step");
+        t = r.pace.release_ns;
+        if let Some(trace) = d.clock_mut().take_trace() {
+            let json = trace.to_chrome_json();
+            let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+            let events = v["traceEvents"].as_array().expect("traceEvents");
+            assert!(events.iter().any(|e| e["name"] == "ATTN-0"), "{json:.300}");
+            traced += 1;
+        }
+    }
+    assert!(traced >= 3);
+}
+
+#[test]
+fn the_clock_states_how_real_routing_is_reused() {
+    let clock = FabricStepClock::new(ClockConfig {
+        ep_size: 16,
+        ..ClockConfig::default()
+    })
+    .expect("clock");
+    let note = clock.routing_note(2);
+    assert!(note.contains("58 modeled MoE layers") && note.contains("2 MoE layers"), "{note}");
+    assert!(
+        clock.check_real_model(512).is_err(),
+        "more real experts than modeled"
+    );
+}

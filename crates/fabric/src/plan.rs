@@ -1,0 +1,461 @@
+//! Traffic plans: what one micro-batch's routing asks of the fabric.
+//!
+//! A [`TrafficPlan`] turns a routing (token → experts) and a placement (expert → GPUs) into the
+//! flows of a dispatch, aggregated per (source, destination) link pair: every message between the
+//! same two GPUs in one collective starts together (when the source issues the collective) and is
+//! charged as one flow, which under processor sharing finishes exactly when its last message would.
+//! The combine is the same plan in reverse with BF16 payloads.
+//!
+//! Paths:
+//! - [`DispatchPath::Forwarded`] (DeepEP's normal kernels, DeepSeek-V3 TR §3.2.2): a token crosses
+//!   the NIC once per target NVLink domain, to the GPU with its own in-domain index there, which
+//!   forwards it over NVLink to each target GPU of that domain. Copies are deduplicated per
+//!   (token, domain) on the NIC and per (token, GPU) on NVLink; targets in the token's own domain
+//!   are reached over NVLink directly; a target on the token's own GPU is free.
+//! - [`DispatchPath::Direct`] (DeepEP's low-latency kernels as first released, "pure RDMA"): every
+//!   (token, expert) copy whose expert is on another GPU crosses the NIC to that GPU; no
+//!   deduplication.
+//!
+//! Replica choice (an expert with several copies): the copy on the token's GPU, else the first copy
+//! in the token's NVLink domain, else copy `(token + source + expert) mod copies`.
+//!
+//! Invariant: Σ NIC units and Σ NVLink units equal the copies the path moves (checked in tests),
+//! and `pairs` sums to tokens × top_k.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FabricError;
+use crate::placement::ExpertPlacement;
+use crate::routing::LayerRouting;
+use crate::topology::Topology;
+
+/// How dispatch reaches GPUs in other NVLink domains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DispatchPath {
+    /// NIC to the same in-domain index, then NVLink (DeepEP normal kernels).
+    Forwarded,
+    /// Every copy over the NIC straight to the expert's GPU (DeepEP low-latency V1).
+    Direct,
+}
+
+/// Flows of one link layer, aggregated per GPU pair, in dispatch direction.
+#[derive(Debug, Clone, Default)]
+pub struct FlowSet {
+    /// Source GPU of each flow.
+    pub src: Vec<u32>,
+    /// Destination GPU of each flow.
+    pub dst: Vec<u32>,
+    /// Token copies carried.
+    pub units: Vec<u32>,
+    /// Whether the flow carries data that first arrived over the NIC (forwarding).
+    pub forwarded: Vec<bool>,
+    /// Latency of the flow's hop, µs (symmetric: the same in a combine).
+    pub latency_us: Vec<f64>,
+    /// Flow indices grouped by source, ascending units within a group.
+    pub by_src: Vec<u32>,
+    /// `by_src[src_offsets[g]..src_offsets[g + 1]]` are GPU `g`'s outgoing flows.
+    pub src_offsets: Vec<u32>,
+    /// Flow indices grouped by destination, ascending units within a group.
+    pub by_dst: Vec<u32>,
+    /// `by_dst[dst_offsets[g]..dst_offsets[g + 1]]` are GPU `g`'s incoming flows.
+    pub dst_offsets: Vec<u32>,
+    /// Per GPU: the latency shared by all its incoming flows, NaN when they differ.
+    pub dst_latency_us: Vec<f64>,
+    /// Per GPU: the latency shared by all its outgoing flows, NaN when they differ.
+    pub src_latency_us: Vec<f64>,
+    /// The flows in `by_src` order, packed for the transmit loop of a dispatch.
+    pub packed_by_src: Vec<PackedFlow>,
+    /// The flows in `by_dst` order, packed for the transmit loop of a combine (whose flows run
+    /// from `dst` to `src`).
+    pub packed_by_dst: Vec<PackedFlow>,
+}
+
+/// One flow as a transmit loop reads it: contiguous, no indirection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PackedFlow {
+    /// Token copies.
+    pub units: u32,
+    /// The receiving GPU in this direction.
+    pub rx: u32,
+    /// Whether it carries forwarded data.
+    pub forwarded: bool,
+    /// Hop latency, µs.
+    pub latency_us: f64,
+}
+
+impl FlowSet {
+    fn from_entries(
+        num_gpus: usize,
+        entries: impl Iterator<Item = (u32, u32, u32, bool, f64)>,
+    ) -> Self {
+        let mut set = FlowSet::default();
+        for (s, d, u, f, l) in entries {
+            if u > 0 {
+                set.src.push(s);
+                set.dst.push(d);
+                set.units.push(u);
+                set.forwarded.push(f);
+                set.latency_us.push(l);
+            }
+        }
+        let (by_src, src_offsets) = group(num_gpus, &set.src, &set.units);
+        let (by_dst, dst_offsets) = group(num_gpus, &set.dst, &set.units);
+        set.by_src = by_src;
+        set.src_offsets = src_offsets;
+        set.dst_latency_us = shared_latency(&by_dst, &dst_offsets, &set.latency_us);
+        set.src_latency_us = shared_latency(&set.by_src, &set.src_offsets, &set.latency_us);
+        let pack = |order: &[u32], rx: &[u32]| -> Vec<PackedFlow> {
+            order
+                .iter()
+                .map(|&i| {
+                    let i = i as usize;
+                    PackedFlow {
+                        units: set.units[i],
+                        rx: rx[i],
+                        forwarded: set.forwarded[i],
+                        latency_us: set.latency_us[i],
+                    }
+                })
+                .collect()
+        };
+        set.packed_by_src = pack(&set.by_src, &set.dst);
+        set.packed_by_dst = pack(&by_dst, &set.src);
+        set.by_dst = by_dst;
+        set.dst_offsets = dst_offsets;
+        set
+    }
+
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.units.len()
+    }
+
+    /// True when there is no flow.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    /// Total token copies.
+    pub fn total_units(&self) -> u64 {
+        self.units.iter().map(|&u| u64::from(u)).sum()
+    }
+}
+
+/// Per group: the latency all its flows share, or NaN when they differ (or it is empty).
+fn shared_latency(order: &[u32], offsets: &[u32], latency_us: &[f64]) -> Vec<f64> {
+    offsets
+        .windows(2)
+        .map(|w| {
+            let group = &order[w[0] as usize..w[1] as usize];
+            match group.first() {
+                Some(&first) => {
+                    let l = latency_us[first as usize];
+                    if group.iter().all(|&i| latency_us[i as usize] == l) {
+                        l
+                    } else {
+                        f64::NAN
+                    }
+                }
+                None => f64::NAN,
+            }
+        })
+        .collect()
+}
+
+/// Flow indices grouped by `key` (counting sort), ascending `(units, index)` within a group.
+fn group(num_gpus: usize, key: &[u32], units: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let mut offsets = vec![0u32; num_gpus + 1];
+    for &k in key {
+        offsets[k as usize + 1] += 1;
+    }
+    for g in 0..num_gpus {
+        offsets[g + 1] += offsets[g];
+    }
+    let mut fill = offsets.clone();
+    // (units, index) packed in one integer: one cheap comparison per step of the sort.
+    let mut packed = vec![0u64; key.len()];
+    for (i, &k) in key.iter().enumerate() {
+        packed[fill[k as usize] as usize] = (u64::from(units[i]) << 32) | i as u64;
+        fill[k as usize] += 1;
+    }
+    for g in 0..num_gpus {
+        packed[offsets[g] as usize..offsets[g + 1] as usize].sort_unstable();
+    }
+    let order = packed.iter().map(|&p| p as u32).collect();
+    (order, offsets)
+}
+
+/// One micro-batch's traffic and expert load.
+#[derive(Debug, Clone)]
+pub struct TrafficPlan {
+    /// The path the flows follow.
+    pub path: DispatchPath,
+    /// Tokens each GPU sends (its micro-batch tokens).
+    pub tokens: Vec<u32>,
+    /// NIC flows (dispatch direction).
+    pub nic: FlowSet,
+    /// NVLink flows (dispatch direction).
+    pub nvlink: FlowSet,
+    /// (token, expert) pairs each GPU computes in its MLP stage.
+    pub pairs: Vec<u32>,
+    /// Distinct local experts with at least one token, per GPU.
+    pub active_experts: Vec<u32>,
+    /// Routed copies each GPU sends, local ones included (`tokens × top_k`).
+    pub copies_out: Vec<u32>,
+}
+
+impl TrafficPlan {
+    /// The plan of tokens `ranges[r]` of each rank `r` of `routing`; an expert id the placement
+    /// does not know is an error naming `origin` and the token. `routing` must cover the
+    /// topology's ranks and `placement` its GPUs ([`Fabric::plan`](crate::Fabric::plan) checks).
+    pub fn build(
+        topology: &Topology,
+        placement: &ExpertPlacement,
+        routing: &LayerRouting,
+        ranges: &[(usize, usize)],
+        path: DispatchPath,
+        origin: &str,
+    ) -> Result<Self, FabricError> {
+        let n = topology.num_gpus() as usize;
+        let domains = topology.num_domains() as usize;
+        let dg = topology.domain_gpus() as usize;
+        let dom = topology.domains();
+        let idx = topology.indices_in_domain();
+        let top_k = routing.top_k();
+        let experts = ExpertTable::new(placement, dom, idx);
+        let mut hits = vec![0u32; experts.slot_gpu.len()];
+        let mut tokens = vec![0u32; n];
+        let mut copies_out = vec![0u32; n];
+        let direct = path == DispatchPath::Direct;
+        let nic_cols = if direct { n } else { domains };
+        let mut nic = vec![0u32; n * nic_cols];
+        let mut nvl = vec![0u32; n * dg];
+        let mut nvl_fwd = vec![0u32; n * dg];
+        // Deduplication stamps: GPU `g` (domain `d`) already counted for the current token.
+        let mut gpu_stamp = vec![u32::MAX; n];
+        let mut domain_stamp = vec![u32::MAX; domains];
+        let mut token_id = 0u32;
+        for (src, &(lo, hi)) in ranges.iter().enumerate().take(n) {
+            let s = src as u32;
+            let s_domain = dom[src];
+            let s_index = idx[src] as usize;
+            tokens[src] = (hi - lo) as u32;
+            copies_out[src] = ((hi - lo) * top_k) as u32;
+            let ids = routing.experts_of(src, lo..hi);
+            for (t, chosen) in ids.chunks(top_k).enumerate() {
+                token_id = token_id.wrapping_add(1);
+                for &e in chosen {
+                    let e = usize::from(e);
+                    let Some(&one) = experts.single.get(e) else {
+                        return Err(FabricError::invalid(
+                            origin,
+                            format!("rank {src} token {}", lo + t),
+                            format!("chooses expert {e}, which the placement does not have"),
+                        ));
+                    };
+                    let copy = if one.slot != u32::MAX {
+                        one
+                    } else {
+                        experts.choose(e, s, s_domain, dom, idx, lo + t + src + e)
+                    };
+                    let gi = copy.gpu as usize;
+                    hits[copy.slot as usize] += 1;
+                    if direct {
+                        nic[src * nic_cols + gi] += u32::from(copy.gpu != s);
+                        continue;
+                    }
+                    // Branch-free on purpose (routing is random, branches would mispredict):
+                    // every update adds 0 when it does not apply.
+                    let new_gpu = gpu_stamp[gi] != token_id && copy.gpu != s;
+                    gpu_stamp[gi] = token_id;
+                    let d = copy.domain as usize;
+                    let local_domain = copy.domain == s_domain;
+                    let new_domain = new_gpu && !local_domain && domain_stamp[d] != token_id;
+                    domain_stamp[d] = token_id;
+                    nic[src * nic_cols + d] += u32::from(new_domain);
+                    // Same domain: straight over NVLink from the source; else from the forwarder.
+                    let from = if local_domain { src } else { d * dg + s_index };
+                    let hop = new_gpu && from != gi;
+                    let cell = from * dg + copy.index as usize;
+                    nvl[cell] += u32::from(hop);
+                    nvl_fwd[cell] += u32::from(hop && !local_domain);
+                }
+            }
+        }
+        let mut pairs = vec![0u32; n];
+        let mut active_experts = vec![0u32; n];
+        for (slot, &h) in hits.iter().enumerate() {
+            let g = experts.slot_gpu[slot] as usize;
+            pairs[g] += h;
+            active_experts[g] += u32::from(h > 0);
+        }
+        let nic_flows = FlowSet::from_entries(
+            n,
+            nic.iter()
+                .enumerate()
+                .filter(|(_, u)| **u > 0)
+                .map(|(i, &u)| {
+                    let s = (i / nic_cols) as u32;
+                    let col = (i % nic_cols) as u32;
+                    let d = if direct {
+                        col
+                    } else {
+                        topology.forwarder(s, col)
+                    };
+                    (s, d, u, false, topology.nic_latency_us(s, d))
+                }),
+        );
+        let nvlink_us = topology.nvlink_latency_us();
+        let nvl_flows = FlowSet::from_entries(
+            n,
+            nvl.iter()
+                .enumerate()
+                .filter(|(_, u)| **u > 0)
+                .map(|(i, &u)| {
+                    let s = (i / dg) as u32;
+                    let d = dom[s as usize] * dg as u32 + (i % dg) as u32;
+                    (s, d, u, nvl_fwd[i] > 0, nvlink_us)
+                }),
+        );
+        Ok(Self {
+            path,
+            tokens,
+            nic: nic_flows,
+            nvlink: nvl_flows,
+            pairs,
+            active_experts,
+            copies_out,
+        })
+    }
+
+    /// GPUs covered.
+    pub fn num_gpus(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Where one expert copy lives, resolved for the hot loop.
+#[derive(Debug, Clone, Copy)]
+struct Copy {
+    slot: u32,
+    gpu: u32,
+    domain: u32,
+    index: u32,
+}
+
+/// Expert copies flattened for the hot loop: expert `e`'s copies are slots
+/// `base[e]..base[e + 1]`, slot `j` on GPU `slot_gpu[j]`; `single[e]` resolves an expert with
+/// one copy in one load (`slot == u32::MAX` when it has several).
+struct ExpertTable {
+    base: Vec<usize>,
+    slot_gpu: Vec<u32>,
+    single: Vec<Copy>,
+}
+
+impl ExpertTable {
+    fn new(placement: &ExpertPlacement, domains: &[u32], indices: &[u32]) -> Self {
+        let mut base = Vec::with_capacity(placement.num_experts() + 1);
+        let mut slot_gpu = Vec::with_capacity(placement.total_slots());
+        let mut single = Vec::with_capacity(placement.num_experts());
+        base.push(0);
+        for e in 0..placement.num_experts() {
+            let copies = placement.gpus_of(e);
+            let g = copies.first().copied().unwrap_or(0);
+            let slot = if copies.len() == 1 {
+                slot_gpu.len() as u32
+            } else {
+                u32::MAX
+            };
+            single.push(Copy {
+                slot,
+                gpu: g,
+                domain: domains[g as usize],
+                index: indices[g as usize],
+            });
+            slot_gpu.extend_from_slice(copies);
+            base.push(slot_gpu.len());
+        }
+        Self {
+            base,
+            slot_gpu,
+            single,
+        }
+    }
+
+    /// The copy serving expert `e` (several copies) for a token on `src`: the copy on `src`,
+    /// else the first in `src`'s domain, else copy `key mod copies`.
+    fn choose(
+        &self,
+        e: usize,
+        src: u32,
+        src_domain: u32,
+        domains: &[u32],
+        indices: &[u32],
+        key: usize,
+    ) -> Copy {
+        let (lo, hi) = (self.base[e], self.base[e + 1]);
+        let copies = &self.slot_gpu[lo..hi];
+        let j = copies
+            .iter()
+            .position(|&g| g == src)
+            .or_else(|| {
+                copies
+                    .iter()
+                    .position(|&g| domains[g as usize] == src_domain)
+            })
+            .unwrap_or(key % copies.len());
+        let g = copies[j];
+        Copy {
+            slot: (lo + j) as u32,
+            gpu: g,
+            domain: domains[g as usize],
+            index: indices[g as usize],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::HardwareProfile;
+
+    fn topo(gpus: u32) -> Topology {
+        Topology::new(&HardwareProfile::builtin("h800").unwrap(), gpus).unwrap()
+    }
+
+    /// One token on GPU 0 choosing `experts`, 1 expert per GPU on 64 GPUs (8 nodes).
+    fn one_token_plan(experts: &[u16], path: DispatchPath) -> TrafficPlan {
+        let t = topo(64);
+        let placement = ExpertPlacement::contiguous(64, 64).unwrap();
+        let mut tokens = vec![0u32; 64];
+        tokens[0] = 1;
+        let routing = LayerRouting::new(experts.len(), &tokens, experts.to_vec()).unwrap();
+        let ranges: Vec<(usize, usize)> = tokens.iter().map(|&n| (0, n as usize)).collect();
+        TrafficPlan::build(&t, &placement, &routing, &ranges, path, "routing").unwrap()
+    }
+
+    #[test]
+    fn forwarding_sends_one_nic_copy_per_target_node() {
+        // Experts on GPUs 9, 10 (node 1), 17 (node 2), 3 (own node), 0 (own GPU).
+        let plan = one_token_plan(&[9, 10, 17, 3, 0], DispatchPath::Forwarded);
+        assert_eq!(plan.nic.total_units(), 2);
+        // Node 1: forwarder 8 → 9, 10; node 2: forwarder 16 → 17; own node: 0 → 3.
+        assert_eq!(plan.nvlink.total_units(), 4);
+        assert_eq!(plan.pairs.iter().sum::<u32>(), 5);
+        let direct = one_token_plan(&[9, 10, 17, 3, 0], DispatchPath::Direct);
+        assert_eq!(direct.nic.total_units(), 4);
+        assert!(direct.nvlink.is_empty());
+    }
+
+    #[test]
+    fn flows_are_grouped_by_endpoint_in_ascending_size() {
+        let plan = one_token_plan(&[9, 17, 25], DispatchPath::Direct);
+        let out =
+            &plan.nic.by_src[plan.nic.src_offsets[0] as usize..plan.nic.src_offsets[1] as usize];
+        assert_eq!(out.len(), 3);
+        for w in out.windows(2) {
+            assert!(plan.nic.units[w[0] as usize] <= plan.nic.units[w[1] as usize]);
+        }
+    }
+}
