@@ -34,6 +34,9 @@ pub struct Args {
 enum BenchCommand {
     /// Prefill and decode throughput of the model at several batch sizes.
     Model(ModelArgs),
+    /// The decode engine at a configured operating point: simulated TPOT and throughput, real
+    /// wall time per step and lag (e.g. `--config config/paper-h800.toml`).
+    Decode(crate::bench_decode::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +74,7 @@ struct ModelArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Model(a) => bench_model(a),
+        BenchCommand::Decode(a) => crate::bench_decode::run(a),
     }
 }
 

@@ -119,11 +119,12 @@ fn print_report(r: &DecodeBenchReport, trace: Option<&std::path::Path>) {
         on_off(r.mtp)
     );
     println!(
-        "load: {} requests ({} per GPU), {}-token prompts; real model {}",
+        "load: {} requests ({} per GPU), {}-token prompts; real model {} ({} experts)",
         r.requests,
         r.requests / r.ep_size.max(1) as usize,
         r.prompt_tokens,
-        r.model_dir.display()
+        r.model_dir.display(),
+        r.experts
     );
     println!("routing: {}", r.routing_note);
     println!(
@@ -134,7 +135,9 @@ fn print_report(r: &DecodeBenchReport, trace: Option<&std::path::Path>) {
     println!("  step          {:>10.3} ms", r.sim_step_ms);
     println!("  TPOT          {:>10.3} ms", r.sim_tpot_ms);
     if let Some(a) = r.analytic_tpot_ms {
-        println!("  analytic TPOT {a:>10.3} ms  (the paper's formula at this hidden size and batch)");
+        println!(
+            "  analytic TPOT {a:>10.3} ms  (the paper's formula at this hidden size and batch)"
+        );
     }
     println!("  tokens/s/user {:>10.1}", r.sim_tokens_per_s_per_user);
     println!("  tokens/s/GPU  {:>10.1}", r.sim_tokens_per_s_per_gpu);

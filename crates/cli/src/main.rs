@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_decode;
 mod generate;
 mod model_cmd;
 mod serve;

@@ -18,6 +18,9 @@
 //!   boundary nearest half (each GPU splits its own requests, as DeepSeek's DP attention does);
 //!   requests are ordered by the plan's micro-batch, so the split follows the plan's assignment
 //!   wherever that assignment is balanced per rank.
+//! - **Placement.** Contiguous (plus `redundant_experts` copies), or, when the executor's expert
+//!   backend decides it (the EP runtime, after EPLB), the placement the step really ran with
+//!   ([`StepRouting::placements`]), one per MoE layer.
 //! - **Schedule.** Two-batch overlap on (the plan has micro-batches): DeepSeek's 5-stage decode
 //!   pipeline ([`Schedule::TwoBatchOverlap`]); off: [`Schedule::SingleBatch`].
 //!
@@ -26,9 +29,9 @@
 use serde::{Deserialize, Serialize};
 
 use pdserve_fabric::{
-    DispatchPath, ExpertPlacement, Fabric, FabricConfig, FabricError, HardwareProfile, LayerRouting,
-    ModelShape, Mode, Phase, RankBatch, RequestSlot, RoutingKind, Schedule, StepBatch, StepInput,
-    StepOutcome, SyntheticRouting, Trace,
+    DispatchPath, ExpertPlacement, Fabric, FabricConfig, FabricError, HardwareProfile,
+    LayerRouting, Mode, ModelShape, Phase, RankBatch, RequestSlot, RoutingKind, Schedule,
+    StepBatch, StepInput, StepOutcome, SyntheticRouting, Trace,
 };
 
 use crate::executor::StepClock;
@@ -162,8 +165,9 @@ impl FabricStepClock {
         if experts == 0 {
             return Err(ClockError::Config {
                 field: "model",
-                problem: "the modeled shape has no routed experts: nothing for the EP fabric to price"
-                    .into(),
+                problem:
+                    "the modeled shape has no routed experts: nothing for the EP fabric to price"
+                        .into(),
             });
         }
         let placement = ExpertPlacement::contiguous(experts, config.ep_size)?
@@ -304,8 +308,12 @@ impl FabricStepClock {
         let tokens_per_rank = layout.batch.tokens_per_rank();
         let (layers, mtp_routing) = match self.config.routing {
             RoutingSource::Balanced => {
-                let router = SyntheticRouting::for_shape(self.fabric.shape(), RoutingKind::Balanced)?;
-                (router.generate_layers(&tokens_per_rank, 0, routing.layers.len().max(1))?, None)
+                let router =
+                    SyntheticRouting::for_shape(self.fabric.shape(), RoutingKind::Balanced)?;
+                (
+                    router.generate_layers(&tokens_per_rank, 0, routing.layers.len().max(1))?,
+                    None,
+                )
             }
             RoutingSource::Real => {
                 if routing.layers.is_empty() {
@@ -321,14 +329,20 @@ impl FabricStepClock {
                     .map(|l| layout.layer(&l.routing, &tokens_per_rank))
                     .collect::<Result<Vec<_>, _>>()?;
                 let mtp_routing = match (&routing.mtp, routing.layers.last()) {
-                    (Some(m), Some(last)) if mtp => Some(layout.mtp_layer(
-                        &m.routing,
-                        &last.routing,
-                        &tokens_per_rank,
-                    )?),
+                    (Some(m), Some(last)) if mtp => {
+                        Some(layout.mtp_layer(&m.routing, &last.routing, &tokens_per_rank)?)
+                    }
                     _ => None,
                 };
                 (layers, mtp_routing)
+            }
+        };
+        let runtime_placements;
+        let placements: &[ExpertPlacement] = match &routing.placements {
+            None => std::slice::from_ref(&self.placement),
+            Some(p) => {
+                runtime_placements = placements_for(p, layers.len(), mtp_routing.is_some())?;
+                &runtime_placements
             }
         };
         let mut outcome = self.fabric.simulate_step(&StepInput {
@@ -336,7 +350,7 @@ impl FabricStepClock {
             batch: &layout.batch,
             routing: &layers,
             mtp_routing: mtp_routing.as_ref(),
-            placements: std::slice::from_ref(&self.placement),
+            placements,
             schedule,
             mtp,
             record_trace: record,
@@ -370,6 +384,28 @@ impl<P> StepClock<P, StepRouting> for FabricStepClock {
     }
 }
 
+/// The expert backend's placements (main MoE layers, then the MTP layer) for `layers` routing
+/// layers and, when `mtp`, the MTP layer.
+fn placements_for(
+    all: &[ExpertPlacement],
+    layers: usize,
+    mtp: bool,
+) -> Result<Vec<ExpertPlacement>, ClockError> {
+    let need = layers + usize::from(mtp);
+    if all.len() < need {
+        return Err(ClockError::Routing(format!(
+            "the expert backend gave {} placements for {layers} MoE layers{}",
+            all.len(),
+            if mtp { " and the MTP layer" } else { "" }
+        )));
+    }
+    let mut chosen = all[..layers].to_vec();
+    if mtp {
+        chosen.extend(all.last().cloned());
+    }
+    Ok(chosen)
+}
+
 /// The step's requests laid out per rank: the fabric's batch and, per rank, the routing rows in
 /// the fabric's token order.
 struct RankLayout {
@@ -393,9 +429,10 @@ impl RankLayout {
         let mut rows = vec![Vec::new(); ep_size as usize];
         for i in order {
             let r = &routing.requests[i];
-            let (Some(rank), Some(rank_rows)) =
-                (ranks.get_mut(r.rank as usize), rows.get_mut(r.rank as usize))
-            else {
+            let (Some(rank), Some(rank_rows)) = (
+                ranks.get_mut(r.rank as usize),
+                rows.get_mut(r.rank as usize),
+            ) else {
                 return Err(ClockError::Routing(format!(
                     "request {} is on DP rank {} but the EP group has {ep_size} GPUs (the executor's \
                      `dp_ranks` must equal the clock's `ep_size`)",
@@ -417,7 +454,11 @@ impl RankLayout {
         Ok(Self {
             batch: StepBatch { ranks },
             rows,
-            mtp_rows: routing.requests.iter().map(|r| r.mtp_rows.clone()).collect(),
+            mtp_rows: routing
+                .requests
+                .iter()
+                .map(|r| r.mtp_rows.clone())
+                .collect(),
         })
     }
 
@@ -440,15 +481,20 @@ impl RankLayout {
                         routing.top_k
                     )));
                 }
-                let ids = routing.ids.get(src * top_k..(src + 1) * top_k).ok_or_else(|| {
-                    ClockError::Routing(format!(
-                        "row {src} is beyond the {} routed tokens of a layer",
-                        routing.tokens()
-                    ))
-                })?;
+                let ids = routing
+                    .ids
+                    .get(src * top_k..(src + 1) * top_k)
+                    .ok_or_else(|| {
+                        ClockError::Routing(format!(
+                            "row {src} is beyond the {} routed tokens of a layer",
+                            routing.tokens()
+                        ))
+                    })?;
                 for &e in ids {
                     experts.push(u16::try_from(e).map_err(|_| {
-                        ClockError::Routing(format!("expert id {e} does not fit the fabric's 16 bits"))
+                        ClockError::Routing(format!(
+                            "expert id {e} does not fit the fabric's 16 bits"
+                        ))
                     })?);
                 }
             }

@@ -136,7 +136,11 @@ where
             step_id: plan.step_id,
             idle: plan.is_idle(),
             num_decodes: plan.decodes.len(),
-            num_drafts: plan.decodes.iter().filter(|d| d.draft_token.is_some()).count(),
+            num_drafts: plan
+                .decodes
+                .iter()
+                .filter(|d| d.draft_token.is_some())
+                .count(),
             num_prefill_tokens: plan.prefills.iter().map(|c| c.tokens.len()).sum(),
             num_batched_tokens: plan.num_batched_tokens,
             num_output_tokens: updates.iter().map(|u| u.tokens.len()).sum(),

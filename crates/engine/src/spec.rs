@@ -272,7 +272,10 @@ mod tests {
         // Acceptance probability of the rule is sum_i min(p_i, q_i).
         let expect: f64 = p.iter().zip(&q).map(|(a, b)| a.min(*b)).sum();
         let rate = accepted as f64 / DRAWS as f64;
-        assert!((rate - expect).abs() < 0.01, "acceptance {rate} vs {expect}");
+        assert!(
+            (rate - expect).abs() < 0.01,
+            "acceptance {rate} vs {expect}"
+        );
     }
 
     #[test]
@@ -290,7 +293,10 @@ mod tests {
                 counts[v.token(draft) as usize] += 1;
             }
             let chi = chi_square(&counts, &p);
-            assert!(chi < CHI2_BOUND_5DF, "draft {draft}: chi2 {chi}, counts {counts:?}");
+            assert!(
+                chi < CHI2_BOUND_5DF,
+                "draft {draft}: chi2 {chi}, counts {counts:?}"
+            );
             let rate = accepted as f64 / DRAWS as f64;
             assert!(
                 (rate - p[draft as usize]).abs() < 0.01,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Knobs, Req, add, driver, finish, model, requests, run};
+use common::{Knobs, Req, add, driver, driver_ep, finish, model, requests, run};
 use pdserve_engine::{
     ClockConfig, DraftMode, Executor, ExecutorConfig, FabricStepClock, ModelExecutor, Request,
     RequestId, RoutedRequest, Scheduler, SchedulerConfig, StepPlan, StepRouting, StopConditions,
@@ -37,8 +37,15 @@ fn greedy_output_is_identical_with_mtp_on_and_off() {
         on.exec.drafts_accepted_per_pos,
         vec![on.engine.spec_accepted_tokens_total]
     );
-    // Accepted drafts give two tokens in one step: fewer steps for the same output.
-    assert!(on.reports.len() < off.reports.len());
+    // Accepted drafts give two tokens in one step: fewer decode slots for the same output.
+    let decodes = |r: &common::Run| r.reports.iter().map(|s| s.num_decodes).sum::<usize>();
+    assert!(
+        decodes(&on) < decodes(&off),
+        "{} vs {} decodes; {:?}",
+        decodes(&on),
+        decodes(&off),
+        on.engine
+    );
 }
 
 #[test]
@@ -362,6 +369,7 @@ fn replicate(real: &StepRouting, ranks: u32, per_rank: usize, context: usize) ->
         num_mtp_rows: 0,
         layers,
         mtp: None,
+        placements: None,
     }
 }
 
@@ -419,8 +427,10 @@ fn a_step_dumps_as_a_perfetto_trace() {
         tbo: true,
         ..Knobs::default()
     });
-    add(&mut d, &requests(4, 0.0, 3));
+    // Two requests per DP rank, so that every GPU has two micro-batches once all are decoding.
+    add(&mut d, &requests(32, 0.0, 3));
     let mut t = 0;
+    let mut names = std::collections::BTreeSet::new();
     let mut traced = 0;
     while d.state().has_work() {
         d.clock_mut().record_next_step();
@@ -430,11 +440,78 @@ fn a_step_dumps_as_a_perfetto_trace() {
             let json = trace.to_chrome_json();
             let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
             let events = v["traceEvents"].as_array().expect("traceEvents");
-            assert!(events.iter().any(|e| e["name"] == "ATTN-0"), "{json:.300}");
+            names.extend(
+                events
+                    .iter()
+                    .filter_map(|e| e["name"].as_str().map(String::from)),
+            );
             traced += 1;
         }
     }
     assert!(traced >= 3);
+    for name in [
+        "ATTN-0(0)",
+        "ATTN-0(1)",
+        "MLP(1)",
+        "DISPATCH(0)",
+        "COMBINE(1)",
+    ] {
+        assert!(names.contains(name), "no {name} in {names:?}");
+    }
+}
+
+#[test]
+fn the_ep_runtime_gives_the_local_experts_tokens_and_prices_its_placement() {
+    // EP16 with 16 redundant slots, EPLB every 3 steps: real hidden rows cross the EP transport,
+    // experts move between ranks mid-run; greedy tokens stay those of local experts (the EP
+    // runtime equals LocalExperts within float reassociation).
+    let knobs = Knobs {
+        tbo: true,
+        mtp: true,
+        ..Knobs::default()
+    };
+    let reqs = requests(8, 0.0, 12);
+    let local = run(&knobs, &reqs);
+    let mut d = driver_ep(&knobs, 3);
+    add(&mut d, &reqs);
+    let ep = finish(d);
+    assert_eq!(ep.tokens, local.tokens);
+    assert!(ep.reports.iter().all(|r| r.idle || r.sim_ns > 0));
+}
+
+#[test]
+fn the_clock_prices_the_placement_the_step_ran_with() {
+    // A hot placement: the step's 16 most loaded experts (by its real routing) all on GPU 0, the
+    // next 16 on GPU 1, … GPU 0 then receives far more copies than under the contiguous layout.
+    let real = real_decode_routing();
+    let mut clock = FabricStepClock::new(ClockConfig {
+        ep_size: 16,
+        ..ClockConfig::default()
+    })
+    .expect("clock");
+    let spread = clock.simulate(&plan_with(false), &real).expect("spread");
+    let mut load = vec![0usize; 256];
+    for counts in real.expert_counts(256) {
+        for (e, c) in counts.into_iter().enumerate() {
+            load[e] += c;
+        }
+    }
+    let mut by_load: Vec<usize> = (0..256).collect();
+    by_load.sort_by_key(|&e| (std::cmp::Reverse(load[e]), e));
+    let mut replicas = vec![Vec::new(); 256];
+    for (i, &e) in by_load.iter().enumerate() {
+        replicas[e].push((i / 16) as u32);
+    }
+    let hot = pdserve_fabric::ExpertPlacement::new(16, replicas).expect("placement");
+    let mut pinned = real.clone();
+    pinned.placements = Some(vec![hot; real.layers.len() + 1]);
+    let pinned = clock.simulate(&plan_with(false), &pinned).expect("pinned");
+    assert!(
+        pinned.duration_ns > spread.duration_ns,
+        "{} vs {}",
+        pinned.duration_ns,
+        spread.duration_ns
+    );
 }
 
 #[test]
@@ -445,7 +522,10 @@ fn the_clock_states_how_real_routing_is_reused() {
     })
     .expect("clock");
     let note = clock.routing_note(2);
-    assert!(note.contains("58 modeled MoE layers") && note.contains("2 MoE layers"), "{note}");
+    assert!(
+        note.contains("58 modeled MoE layers") && note.contains("2 MoE layers"),
+        "{note}"
+    );
     assert!(
         clock.check_real_model(512).is_err(),
         "more real experts than modeled"

@@ -9,7 +9,9 @@ use pdserve_engine::decode_bench::BenchTime;
 use pdserve_engine::{DecodeBenchConfig, DecodeBenchReport, run_decode_bench};
 
 fn bench(config: &str) -> DecodeBenchReport {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config").join(config);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../config")
+        .join(config);
     let mut config = DecodeBenchConfig::load(&path).expect("config");
     // The golden tiny checkpoint: same routing structure as the embedded default, smaller.
     config.model_dir =
@@ -39,7 +41,11 @@ fn paper_h800_config_reproduces_14_76_ms_tpot() {
     assert_eq!(r.output_tokens, 1024, "one token per request per step");
     assert!(within(r.sim_tpot_ms, 14.76, 0.01), "{}", r.sim_tpot_ms);
     let analytic = r.analytic_tpot_ms.expect("analysis mode");
-    assert!(within(r.sim_tpot_ms, analytic, 1e-9), "{} vs {analytic}", r.sim_tpot_ms);
+    assert!(
+        within(r.sim_tpot_ms, analytic, 1e-9),
+        "{} vs {analytic}",
+        r.sim_tpot_ms
+    );
     assert_eq!(r.sim_tokens_per_s_per_user.floor(), 67.0);
     assert!(r.routing_note.contains("balanced"), "{}", r.routing_note);
 }

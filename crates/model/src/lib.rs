@@ -12,8 +12,9 @@
 //!   [`mtp_forward`](DeepSeekV3::mtp_forward) runs the MTP module.
 //! - [`LatentCache`] / [`ContiguousLatentCache`]: the MLA latent cache (`c_kv`, `k_rope`) per
 //!   (sequence, layer); layer `num_hidden_layers` is the MTP slot.
-//! - [`MoeExperts`] / [`LocalExperts`] / [`ExpertBank`]: routed-expert execution behind a trait,
-//!   grouped into batched matmuls.
+//! - [`MoeExperts`] / [`LocalExperts`] / [`ExpertBank`]: routed-expert execution behind a trait
+//!   (the EP runtime's seam); the gate and the shared expert stay in the model. Tokens are grouped
+//!   by expert: two matmuls per active expert on views, everything else batched.
 //! - [`sampling`]: [`SamplingParams`], a seeded per-request [`Sampler`], [`SampledToken`].
 //! - [`Tokenizer`]: byte-level BPE + chat template.
 //! - [`tiny`]: the deterministic tiny checkpoint (`pdserve model init`) and the embedded default.

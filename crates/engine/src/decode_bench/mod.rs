@@ -4,7 +4,8 @@
 //! A [`DecodeBenchConfig`] (TOML, `config/bench/*.toml`, `config/paper-*.toml`) names the operating
 //! point: the modeled cluster (`[fabric]`, a [`ClockConfig`]: hardware, modeled shape, mode, EP
 //! size), the load (`[workload]`: requests per GPU, prompt length, temperature) and the engine's
-//! knobs (`[engine]`: TBO, MTP, draft mode, time scale). [`run_decode_bench`] admits
+//! knobs (`[engine]`: TBO, MTP, draft mode, time scale), and optionally the expert-parallel runtime
+//! (`[ep]`; absent: local experts). [`run_decode_bench`] admits
 //! `ep_size × requests_per_gpu` requests, prefills their prompts (not measured), then runs
 //! `steps` decode steps through a [`StepDriver`](crate::StepDriver) and returns a
 //! [`DecodeBenchReport`]: simulated step time and TPOT, simulated tokens/s per user, GPU and node,
@@ -17,6 +18,7 @@ mod run;
 
 use std::path::{Path, PathBuf};
 
+use pdserve_ep::EpRuntimeConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{ClockConfig, ClockError};
@@ -39,7 +41,8 @@ pub struct DecodeBenchConfig {
     /// Seed of the prompts and of the requests' samplers.
     #[serde(default)]
     pub seed: u64,
-    /// Checkpoint directory of the real model; absent: the embedded tiny model.
+    /// Checkpoint directory of the real model, relative to the config file's directory when
+    /// relative; absent: the embedded deterministic tiny model.
     #[serde(default)]
     pub model_dir: Option<PathBuf>,
     /// The load.
@@ -49,6 +52,11 @@ pub struct DecodeBenchConfig {
     pub engine: EngineKnobs,
     /// The modeled cluster that prices each step.
     pub fabric: ClockConfig,
+    /// Run the routed experts on the expert-parallel runtime (`D` ranks exchanging real hidden
+    /// rows, EPLB) with this configuration; absent: every expert local. Its
+    /// `placement.num_ranks` is set from `fabric.ep_size`; its placement prices the steps.
+    #[serde(default)]
+    pub ep: Option<EpRuntimeConfig>,
 }
 
 fn default_steps() -> usize {
@@ -171,13 +179,20 @@ impl DecodeBenchConfig {
         Ok(config)
     }
 
-    /// Reads and parses a config file.
+    /// Reads and parses a config file; a relative `model_dir` is resolved against the file's
+    /// directory.
     pub fn load(path: &Path) -> Result<Self, BenchError> {
         let text = std::fs::read_to_string(path).map_err(|source| BenchError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml_str(&text, path)
+        let mut config = Self::from_toml_str(&text, path)?;
+        if let Some(dir) = config.model_dir.as_mut()
+            && dir.is_relative()
+        {
+            *dir = path.parent().unwrap_or(Path::new(".")).join(&*dir);
+        }
+        Ok(config)
     }
 
     /// Total concurrent requests.
@@ -217,12 +232,23 @@ mod tests {
     #[test]
     fn shipped_configs_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
-        let mut files = vec![root.join("paper-h800.toml"), root.join("paper-gb200-nvl72.toml")];
+        let mut files = vec![
+            root.join("paper-h800.toml"),
+            root.join("paper-gb200-nvl72.toml"),
+        ];
         for entry in std::fs::read_dir(root.join("bench")).unwrap() {
             files.push(entry.unwrap().path());
         }
         for f in files {
-            DecodeBenchConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            let c = DecodeBenchConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            if let Some(dir) = c.model_dir {
+                assert!(
+                    dir.join("config.json").exists(),
+                    "{}: {}",
+                    f.display(),
+                    dir.display()
+                );
+            }
         }
     }
 

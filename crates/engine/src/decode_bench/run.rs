@@ -13,9 +13,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::Device;
+use pdserve_ep::EpGroup;
 use pdserve_fabric::{Mode, PaperAssumptions, paper_analysis};
 use pdserve_model::rng::SplitMix64;
-use pdserve_model::{DeepSeekV3, SamplingParams};
+use pdserve_model::{Checkpoint, DeepSeekV3, LocalExperts, ModelError, SamplingParams};
 use serde::Serialize;
 
 use super::{BenchError, DecodeBenchConfig};
@@ -24,7 +25,7 @@ use crate::clock::FabricStepClock;
 use crate::config::SchedulerConfig;
 use crate::driver::StepDriver;
 use crate::microbatch::WorkWeights;
-use crate::model_exec::{ExecutorConfig, ModelExecutor};
+use crate::model_exec::{ExecutorConfig, ExpertBackend, ModelExecutor};
 use crate::pacing::Pacer;
 use crate::scheduler::Scheduler;
 use crate::sequence::{Request, RequestId};
@@ -76,6 +77,8 @@ pub struct DecodeBenchReport {
     pub mtp: bool,
     /// How the real routing prices the modeled layers.
     pub routing_note: String,
+    /// Where the routed experts ran: `local` or `ep-runtime` (with its placement pricing steps).
+    pub experts: String,
     /// Steps spent prefilling the prompts (not measured).
     pub warmup_steps: usize,
     /// Measured decode steps.
@@ -131,8 +134,8 @@ pub fn run_decode_bench(
         Some(d) => d.clone(),
         None => pdserve_model::tiny::ensure_default(None)?,
     };
-    let (model, experts) = DeepSeekV3::load(&model_dir, &Device::Cpu)?;
-    let model = Arc::new(model);
+    let ckpt = Checkpoint::open(&model_dir)?;
+    let model = Arc::new(DeepSeekV3::from_checkpoint(&ckpt, &Device::Cpu)?);
     let requests = config.num_requests();
     let spec = usize::from(config.engine.mtp);
     // Enough output for every measured step even if every draft is accepted.
@@ -158,23 +161,66 @@ pub fn run_decode_bench(
         spec_tokens: spec,
         two_batch_overlap: config.engine.tbo.then(WorkWeights::default),
     })?;
-    let executor = ModelExecutor::new(
-        model.clone(),
-        experts,
-        ExecutorConfig {
-            draft: config.engine.draft,
-            split_micro_batches: config.engine.split_micro_batches,
-            seed: config.seed,
-            ..ExecutorConfig::for_scheduler(scheduler.config(), config.fabric.ep_size)
-        },
-    )?;
+    let exec_config = ExecutorConfig {
+        draft: config.engine.draft,
+        split_micro_batches: config.engine.split_micro_batches,
+        seed: config.seed,
+        ..ExecutorConfig::for_scheduler(scheduler.config(), config.fabric.ep_size)
+    };
     let clock = FabricStepClock::new(config.fabric.clone())?;
-    let real_moe_layers = (0..model.config().num_hidden_layers)
-        .filter(|&l| model.config().is_moe_layer(l))
-        .count();
     if let Ok(moe) = model.config().moe() {
         clock.check_real_model(moe.n_routed_experts)?;
     }
+    let setup = Setup {
+        config,
+        model_dir,
+        scheduler,
+        clock,
+        max_output,
+    };
+    match &config.ep {
+        None => {
+            let experts = LocalExperts::load(&ckpt, &Device::Cpu)?;
+            let executor = ModelExecutor::new(model, experts, exec_config)?;
+            measure(setup, executor, time, record_trace)
+        }
+        Some(ep) => {
+            let mut ep = ep.clone();
+            ep.placement.num_ranks = config.fabric.ep_size as usize;
+            let group = EpGroup::load(&ckpt, ep, &Device::Cpu).map_err(ModelError::from)?;
+            let executor = ModelExecutor::new(model, group, exec_config)?;
+            measure(setup, executor, time, record_trace)
+        }
+    }
+}
+
+/// Everything built before the experts.
+struct Setup<'c> {
+    config: &'c DecodeBenchConfig,
+    model_dir: PathBuf,
+    scheduler: Scheduler,
+    clock: FabricStepClock,
+    max_output: usize,
+}
+
+fn measure<X: ExpertBackend>(
+    setup: Setup<'_>,
+    executor: ModelExecutor<X>,
+    time: &mut BenchTime<'_>,
+    record_trace: bool,
+) -> Result<DecodeBenchReport, BenchError> {
+    let Setup {
+        config,
+        model_dir,
+        scheduler,
+        clock,
+        max_output,
+    } = setup;
+    let model = executor.model().clone();
+    let requests = config.num_requests();
+    let real_moe_layers = (0..model.config().num_hidden_layers)
+        .filter(|&l| model.config().is_moe_layer(l))
+        .count();
     let pacer = Pacer::new(config.engine.time_scale)?;
     let mut driver = StepDriver::new(scheduler, executor, clock, pacer);
 
@@ -261,17 +307,18 @@ pub fn run_decode_bench(
     } else {
         0.0
     };
-    let analytic_tpot_ms = (config.fabric.mode == Mode::Analysis && !config.engine.mtp).then(|| {
-        let rpg = u64::from(config.workload.requests_per_gpu);
-        let micro_batches = if config.engine.tbo { 2 } else { 1 };
-        let assumptions = PaperAssumptions {
-            tokens_per_micro_batch: rpg / micro_batches,
-            micro_batches,
-            layers: shape.num_hidden_layers,
-            ..PaperAssumptions::paper(shape.hidden_size)
-        };
-        paper_analysis(profile, assumptions, profile.analysis_link()).tpot_ms
-    });
+    let analytic_tpot_ms =
+        (config.fabric.mode == Mode::Analysis && !config.engine.mtp).then(|| {
+            let rpg = u64::from(config.workload.requests_per_gpu);
+            let micro_batches = if config.engine.tbo { 2 } else { 1 };
+            let assumptions = PaperAssumptions {
+                tokens_per_micro_batch: rpg / micro_batches,
+                micro_batches,
+                layers: shape.num_hidden_layers,
+                ..PaperAssumptions::paper(shape.hidden_size)
+            };
+            paper_analysis(profile, assumptions, profile.analysis_link()).tpot_ms
+        });
     Ok(DecodeBenchReport {
         description: config.description.clone(),
         model_dir,
@@ -286,18 +333,31 @@ pub fn run_decode_bench(
         tbo: config.engine.tbo,
         mtp: config.engine.mtp,
         routing_note: clock.routing_note(real_moe_layers),
+        experts: if config.ep.is_some() {
+            "ep-runtime".into()
+        } else {
+            "local".into()
+        },
         warmup_steps,
         steps: config.steps,
         output_tokens,
         sim_step_ms: sim_ns as f64 / 1e6 / steps,
         sim_tpot_ms,
-        sim_tokens_per_s_per_user: if sim_tpot_ms > 0.0 { 1e3 / sim_tpot_ms } else { 0.0 },
+        sim_tokens_per_s_per_user: if sim_tpot_ms > 0.0 {
+            1e3 / sim_tpot_ms
+        } else {
+            0.0
+        },
         sim_tokens_per_s_per_gpu: per_gpu,
         sim_tokens_per_s_per_node: per_gpu * f64::from(profile.node.gpus_per_node),
         analytic_tpot_ms,
         real_step_ms: real_ns as f64 / 1e6 / steps,
         real_execute_ms: exec_ns as f64 / 1e6 / steps,
-        real_steps_per_s: if real_ns > 0 { steps * 1e9 / real_ns as f64 } else { 0.0 },
+        real_steps_per_s: if real_ns > 0 {
+            steps * 1e9 / real_ns as f64
+        } else {
+            0.0
+        },
         real_tokens_per_s: if real_ns > 0 {
             output_tokens as f64 * 1e9 / real_ns as f64
         } else {

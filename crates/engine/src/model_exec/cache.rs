@@ -87,9 +87,10 @@ impl<S: LatentStore> LatentCache for PagedCache<'_, S> {
         c_kv: &Tensor,
         k_rope: &Tensor,
     ) -> pdserve_model::Result<()> {
-        let view = self.views.get_mut(&seq).ok_or_else(|| {
-            ModelError::Cache(format!("sequence {seq} is not part of this step"))
-        })?;
+        let view = self
+            .views
+            .get_mut(&seq)
+            .ok_or_else(|| ModelError::Cache(format!("sequence {seq} is not part of this step")))?;
         let start = *view.lens.get(layer).ok_or_else(|| {
             ModelError::Cache(format!(
                 "sequence {seq}: layer {layer} is not cached (store has {} layers)",
@@ -107,9 +108,10 @@ impl<S: LatentStore> LatentCache for PagedCache<'_, S> {
     }
 
     fn read(&self, seq: SeqId, layer: usize) -> pdserve_model::Result<(Tensor, Tensor)> {
-        let view = self.views.get(&seq).ok_or_else(|| {
-            ModelError::Cache(format!("sequence {seq} is not part of this step"))
-        })?;
+        let view = self
+            .views
+            .get(&seq)
+            .ok_or_else(|| ModelError::Cache(format!("sequence {seq} is not part of this step")))?;
         let len = view.lens.get(layer).copied().unwrap_or(0);
         let rows = self
             .store

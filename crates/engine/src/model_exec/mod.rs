@@ -36,8 +36,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
+use pdserve_ep::{EpGroup, EpRuntimeConfig};
+use pdserve_fabric::ExpertPlacement as FabricPlacement;
 use pdserve_model::rng::SplitMix64;
-use pdserve_model::{DeepSeekV3, LocalExperts, ModelError, MoeExperts, Sampler, SamplingParams};
+use pdserve_model::{
+    Checkpoint, DeepSeekV3, LocalExperts, ModelError, MoeExperts, Sampler, SamplingParams,
+};
 use serde::{Deserialize, Serialize};
 
 pub use routing::{RoutedRequest, StepRouting};
@@ -158,17 +162,50 @@ impl From<candle_core::Error> for ExecError {
     }
 }
 
-/// Routed-expert execution for the executor: the model's [`MoeExperts`] plus the DP rank of every
-/// token, which an expert-parallel runtime needs to dispatch tokens from their GPU.
+/// Routed-expert execution for the executor: the model's [`MoeExperts`] plus what an
+/// expert-parallel runtime needs around the forwards. Implementations: [`LocalExperts`] (every
+/// expert in this process) and the EP runtime's `EpGroup` (`D` ranks exchanging real hidden rows).
 pub trait ExpertBackend: MoeExperts {
     /// Called before each forward with the DP rank of every token row, in the forward's flattened
-    /// order. [`LocalExperts`] hold every expert in this process and need no ranks.
+    /// order (the EP runtime dispatches each row from its rank).
     fn begin_forward(&mut self, token_ranks: &[u32]) -> Result<(), ModelError>;
+
+    /// Called once a step's forwards are done (the EP runtime folds the step into its load
+    /// statistics and rebalances when EPLB's period has come).
+    fn end_step(&mut self) -> Result<(), ModelError>;
+
+    /// The placement of every MoE layer (main layers in order, then the MTP layer) in the fabric's
+    /// form, when this backend decides where experts live; `None`: the clock's own placement.
+    fn fabric_placements(&self) -> Result<Option<Vec<FabricPlacement>>, ModelError>;
 }
 
 impl ExpertBackend for LocalExperts {
+    /// Local experts hold every expert: no rows move, ranks play no part.
     fn begin_forward(&mut self, _token_ranks: &[u32]) -> Result<(), ModelError> {
         Ok(())
+    }
+
+    fn end_step(&mut self) -> Result<(), ModelError> {
+        Ok(())
+    }
+
+    fn fabric_placements(&self) -> Result<Option<Vec<FabricPlacement>>, ModelError> {
+        Ok(None)
+    }
+}
+
+impl ExpertBackend for EpGroup {
+    fn begin_forward(&mut self, token_ranks: &[u32]) -> Result<(), ModelError> {
+        Ok(self.set_token_ranks(token_ranks)?)
+    }
+
+    fn end_step(&mut self) -> Result<(), ModelError> {
+        self.finish_step()?;
+        Ok(())
+    }
+
+    fn fabric_placements(&self) -> Result<Option<Vec<FabricPlacement>>, ModelError> {
+        Ok(Some(EpGroup::fabric_placements(self)?))
     }
 }
 
@@ -238,10 +275,40 @@ impl ModelExecutor<LocalExperts> {
     }
 }
 
+impl ModelExecutor<EpGroup> {
+    /// Loads the checkpoint in `dir` on the CPU with its routed experts in an expert-parallel
+    /// group (`ep.placement.num_ranks` ranks, which must equal `config.dp_ranks`).
+    pub fn load_ep(
+        dir: &Path,
+        config: ExecutorConfig,
+        ep: EpRuntimeConfig,
+    ) -> Result<Self, ExecError> {
+        if ep.ep_size() != config.dp_ranks as usize {
+            return Err(ExecError::Config {
+                field: "dp_ranks",
+                problem: format!(
+                    "is {} but the EP runtime has placement.num_ranks = {}: every GPU is one DP \
+                     rank and one EP rank",
+                    config.dp_ranks,
+                    ep.ep_size()
+                ),
+            });
+        }
+        let ckpt = Checkpoint::open(dir)?;
+        let model = DeepSeekV3::from_checkpoint(&ckpt, &Device::Cpu)?;
+        let group = EpGroup::load(&ckpt, ep, &Device::Cpu).map_err(ModelError::from)?;
+        Self::new(Arc::new(model), group, config)
+    }
+}
+
 impl<X: ExpertBackend> ModelExecutor<X> {
     /// An executor over `model` with routed experts `experts`; allocates the latent store for
     /// `config.num_kv_blocks` blocks.
-    pub fn new(model: Arc<DeepSeekV3>, experts: X, config: ExecutorConfig) -> Result<Self, ExecError> {
+    pub fn new(
+        model: Arc<DeepSeekV3>,
+        experts: X,
+        config: ExecutorConfig,
+    ) -> Result<Self, ExecError> {
         if config.dp_ranks == 0 {
             return Err(ExecError::Config {
                 field: "dp_ranks",
@@ -316,7 +383,11 @@ impl<X: ExpertBackend> ModelExecutor<X> {
                 "has {} layers, the store caches {} (main layers{})",
                 kv.layers.len(),
                 shape.num_layers,
-                if self.config.mtp { " and the MTP layer" } else { "" }
+                if self.config.mtp {
+                    " and the MTP layer"
+                } else {
+                    ""
+                }
             ));
         }
         for (layer, rows) in kv.layers.iter().enumerate() {
@@ -389,10 +460,15 @@ impl<X: ExpertBackend> ModelExecutor<X> {
     }
 
     /// The state of `id`, created on first sight (sampler, rank); `None` for invalid parameters.
-    pub(crate) fn ensure_seq(&mut self, id: RequestId, params: &SamplingParams) -> Option<&mut SeqState> {
+    pub(crate) fn ensure_seq(
+        &mut self,
+        id: RequestId,
+        params: &SamplingParams,
+    ) -> Option<&mut SeqState> {
         if !self.seqs.contains_key(&id) {
-            let fallback = SplitMix64::new(self.config.seed ^ id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                .next_u64();
+            let fallback =
+                SplitMix64::new(self.config.seed ^ id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    .next_u64();
             let sampler = Sampler::new(*params, fallback).ok()?;
             let base = params.seed.unwrap_or(fallback);
             let rank = self.ranks.assign(id);

@@ -43,6 +43,9 @@ pub struct StepRouting {
     pub layers: Vec<LayerRouting>,
     /// The MTP module's MoE layer, routing all `num_mtp_rows` rows (`None` when it did not run).
     pub mtp: Option<LayerRouting>,
+    /// The expert placement the step ran with, one per MoE layer (main layers, then the MTP
+    /// layer), when the expert backend decides it (the EP runtime); `None`: the clock's own.
+    pub placements: Option<Vec<pdserve_fabric::ExpertPlacement>>,
 }
 
 impl StepRouting {

@@ -19,7 +19,10 @@ use crate::block_pool::BlockId;
 use crate::executor::{SeqOutput, StepOutputs};
 use crate::plan::{DecodeItem, PrefillChunk, StepPlan};
 use crate::sequence::{RequestId, TokenId};
-use crate::spec::{argmax, logprob_of, sample_index, target_probs, verify_point_mass, verify_with_draft_distribution};
+use crate::spec::{
+    argmax, logprob_of, sample_index, target_probs, verify_point_mass,
+    verify_with_draft_distribution,
+};
 
 /// One sequence's work in the step.
 #[derive(Clone, Copy, Debug)]
@@ -61,13 +64,12 @@ impl<'p> Work<'p> {
     }
     fn input(&self) -> SequenceInput {
         match self {
-            Work::Prefill(c) => SequenceInput::new(c.id.0, c.tokens.clone(), c.start_pos).with_logits(
-                if c.samples {
+            Work::Prefill(c) => SequenceInput::new(c.id.0, c.tokens.clone(), c.start_pos)
+                .with_logits(if c.samples {
                     LogitsWanted::Last
                 } else {
                     LogitsWanted::None
-                },
-            ),
+                }),
             Work::Decode(d) => {
                 let mut tokens = vec![d.input_token];
                 tokens.extend(d.draft_token);
@@ -130,10 +132,18 @@ impl<X: ExpertBackend> ModelExecutor<X> {
                 vec![runnable]
             };
         let spec = plan.spec_tokens > 0;
-        let mut routing = StepRouting::default();
+        let mut routing = StepRouting {
+            placements: self.experts.fabric_placements()?,
+            ..StepRouting::default()
+        };
         let mut outputs = Vec::new();
+        let mut ran = false;
         for group in groups.iter().filter(|g| !g.is_empty()) {
             self.run_group(group, spec, &mut routing, &mut outputs)?;
+            ran = true;
+        }
+        if ran {
+            self.experts.end_step()?;
         }
         Ok(StepOutputs {
             seqs: outputs,
@@ -243,8 +253,14 @@ impl<X: ExpertBackend> ModelExecutor<X> {
         params: &SamplingParams,
         rows: &[&[f32]],
     ) -> Result<(Vec<TokenId>, Vec<f32>), ExecError> {
-        let row = rows.last().copied().ok_or_else(|| internal(id, "no logits for a sampling chunk"))?;
-        let seq = self.seqs.get_mut(&id).ok_or_else(|| internal(id, "no state"))?;
+        let row = rows
+            .last()
+            .copied()
+            .ok_or_else(|| internal(id, "no logits for a sampling chunk"))?;
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or_else(|| internal(id, "no state"))?;
         let t = seq.sampler.sample(row)?;
         let logprobs = if params.logprobs.is_some() {
             vec![logprob_of(row, t.id)]
@@ -261,8 +277,13 @@ impl<X: ExpertBackend> ModelExecutor<X> {
         rows: &[&[f32]],
     ) -> Result<(Vec<TokenId>, Vec<f32>), ExecError> {
         let mode = self.config.draft;
-        let seq = self.seqs.get_mut(&d.id).ok_or_else(|| internal(d.id, "no state"))?;
-        let first = *rows.first().ok_or_else(|| internal(d.id, "no logits for a decode"))?;
+        let seq = self
+            .seqs
+            .get_mut(&d.id)
+            .ok_or_else(|| internal(d.id, "no state"))?;
+        let first = *rows
+            .first()
+            .ok_or_else(|| internal(d.id, "no logits for a decode"))?;
         let tokens = match d.draft_token {
             None => vec![seq.sampler.sample(first)?.id],
             Some(draft) => {
@@ -279,7 +300,9 @@ impl<X: ExpertBackend> ModelExecutor<X> {
                     if let Some(c) = self.stats.drafts_accepted_per_pos.first_mut() {
                         *c += 1;
                     }
-                    let second = *rows.get(1).ok_or_else(|| internal(d.id, "no logits after the draft"))?;
+                    let second = *rows
+                        .get(1)
+                        .ok_or_else(|| internal(d.id, "no logits after the draft"))?;
                     vec![draft, seq.sampler.sample(second)?.id]
                 } else {
                     vec![verdict.token(draft)]
@@ -313,7 +336,10 @@ impl<X: ExpertBackend> ModelExecutor<X> {
             let n = inputs[b].tokens.len();
             let h_row = |i: usize| &hidden[(row0 + i) * width..(row0 + i + 1) * width];
             let id = w.id();
-            let seq = self.seqs.get_mut(&id).ok_or_else(|| internal(id, "no state"))?;
+            let seq = self
+                .seqs
+                .get_mut(&id)
+                .ok_or_else(|| internal(id, "no state"))?;
             match w {
                 Work::Decode(d) => {
                     // Positions p .. p + e - 1 with the emitted tokens as "next" tokens.
@@ -393,7 +419,10 @@ impl<X: ExpertBackend> ModelExecutor<X> {
         routing: &mut StepRouting,
         outputs: &mut [SeqOutput],
     ) -> Result<(), ExecError> {
-        let mtp: Vec<MtpInput> = mtp.into_iter().filter(|m| !m.input.tokens.is_empty()).collect();
+        let mtp: Vec<MtpInput> = mtp
+            .into_iter()
+            .filter(|m| !m.input.tokens.is_empty())
+            .collect();
         if mtp.is_empty() {
             return Ok(());
         }
@@ -406,7 +435,9 @@ impl<X: ExpertBackend> ModelExecutor<X> {
         let hidden = Tensor::from_vec(flat, (n_rows, width), &device)?;
         let token_ranks: Vec<u32> = mtp
             .iter()
-            .flat_map(|m| std::iter::repeat_n(self.rank_of(group[m.item].id()), m.input.tokens.len()))
+            .flat_map(|m| {
+                std::iter::repeat_n(self.rank_of(group[m.item].id()), m.input.tokens.len())
+            })
             .collect();
         self.experts.begin_forward(&token_ranks)?;
         let out = {
@@ -467,7 +498,10 @@ impl<X: ExpertBackend> ModelExecutor<X> {
         params: &SamplingParams,
         logits: &[f32],
     ) -> Result<TokenId, ExecError> {
-        let seq = self.seqs.get_mut(&id).ok_or_else(|| internal(id, "no state"))?;
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or_else(|| internal(id, "no state"))?;
         match self.config.draft {
             DraftMode::Greedy => Ok(argmax(logits) as TokenId),
             DraftMode::Sample => {

@@ -3,7 +3,10 @@
 //! engine loop (scheduler + [`ModelExecutor`] + [`FabricStepClock`] + pacer) that runs requests to
 //! completion on a fake clock.
 
-#![allow(dead_code, reason = "each test binary uses a different subset of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of the harness"
+)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,12 +14,13 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 use pdserve_engine::{
-    ClockConfig, DraftMode, EngineStats, ExecStats, ExecutorConfig, FabricStepClock, ModelExecutor,
-    Pacer, Request, RequestId, Scheduler, SchedulerConfig, StepDriver, StepReport, StopConditions,
-    TokenId, WorkWeights,
+    ClockConfig, DraftMode, EngineStats, ExecStats, ExecutorConfig, ExpertBackend, FabricStepClock,
+    ModelExecutor, Pacer, Request, RequestId, Scheduler, SchedulerConfig, StepDriver, StepReport,
+    StopConditions, TokenId, WorkWeights,
 };
-use pdserve_model::{DeepSeekV3, LocalExperts, SamplingParams};
+use pdserve_ep::{EpGroup, EpRuntimeConfig, PlacementConfig, RebalancerConfig};
 use pdserve_model::rng::SplitMix64;
+use pdserve_model::{Checkpoint, DeepSeekV3, LocalExperts, SamplingParams};
 
 /// The tiny golden checkpoint of the model crate.
 pub fn tiny_dir() -> PathBuf {
@@ -82,7 +86,9 @@ pub fn requests(n: u64, temperature: f32, max_tokens: usize) -> Vec<Req> {
             let len = 3 + (id as usize * 13) % 38;
             Req {
                 id,
-                prompt: (0..len).map(|_| (rng.next_u64() % 500) as TokenId + 2).collect(),
+                prompt: (0..len)
+                    .map(|_| (rng.next_u64() % 500) as TokenId + 2)
+                    .collect(),
                 params: SamplingParams {
                     temperature,
                     seed: Some(1000 + id),
@@ -105,11 +111,37 @@ pub struct Run {
     pub lag_ns_total: u64,
 }
 
-pub type Driver = StepDriver<SamplingParams, ModelExecutor, FabricStepClock>;
+pub type Driver<X = LocalExperts> = StepDriver<SamplingParams, ModelExecutor<X>, FabricStepClock>;
 
-/// A driver for `knobs` on the tiny model, priced as DeepSeek-V3 on H800 (detailed mode).
+/// A driver for `knobs` on the tiny model with local experts, priced as DeepSeek-V3 on H800
+/// (detailed mode).
 pub fn driver(knobs: &Knobs) -> Driver {
     let (model, experts) = model();
+    driver_with(knobs, model, experts)
+}
+
+/// The same with the routed experts on the EP runtime (`knobs.ep_size` ranks, redundant slots,
+/// EPLB every `rebalance_period_steps` steps).
+pub fn driver_ep(knobs: &Knobs, rebalance_period_steps: u64) -> Driver<EpGroup> {
+    let (model, _) = model();
+    let ckpt = Checkpoint::open(&tiny_dir()).expect("checkpoint");
+    let config = EpRuntimeConfig {
+        placement: PlacementConfig {
+            num_ranks: knobs.ep_size as usize,
+            num_redundant_experts: knobs.ep_size as usize,
+            ..PlacementConfig::default()
+        },
+        rebalancer: RebalancerConfig {
+            period_steps: rebalance_period_steps,
+            ..RebalancerConfig::default()
+        },
+        ..EpRuntimeConfig::default()
+    };
+    let group = EpGroup::load(&ckpt, config, &Device::Cpu).expect("EP group");
+    driver_with(knobs, model, group)
+}
+
+fn driver_with<X: ExpertBackend>(knobs: &Knobs, model: Arc<DeepSeekV3>, experts: X) -> Driver<X> {
     let max_context_tokens = 128;
     let scheduler = Scheduler::new(SchedulerConfig {
         num_kv_blocks: knobs.num_kv_blocks,
@@ -136,11 +168,16 @@ pub fn driver(knobs: &Knobs) -> Driver {
         ..ClockConfig::default()
     })
     .expect("clock");
-    StepDriver::new(scheduler, executor, clock, Pacer::new(knobs.time_scale).expect("pacer"))
+    StepDriver::new(
+        scheduler,
+        executor,
+        clock,
+        Pacer::new(knobs.time_scale).expect("pacer"),
+    )
 }
 
 /// Adds `reqs` to the driver.
-pub fn add(driver: &mut Driver, reqs: &[Req]) {
+pub fn add<X: ExpertBackend>(driver: &mut Driver<X>, reqs: &[Req]) {
     for r in reqs {
         let stop = StopConditions {
             max_tokens: Some(r.max_tokens),
@@ -154,7 +191,7 @@ pub fn add(driver: &mut Driver, reqs: &[Req]) {
 }
 
 /// Runs the driver until every request finished; every step "computes" for 1 ms of fake time.
-pub fn finish(mut driver: Driver) -> Run {
+pub fn finish<X: ExpertBackend>(mut driver: Driver<X>) -> Run {
     let mut tokens: BTreeMap<u64, Vec<TokenId>> = BTreeMap::new();
     let mut reports = Vec::new();
     let mut t = 0u64;
