@@ -1,8 +1,8 @@
 //! Running a decode benchmark and summarizing it.
 //!
 //! Definitions (over the measured steps only):
-//! - simulated TPOT = Σ simulated step time / (output tokens / requests): the simulated time a
-//!   user waits per token (with MTP a step can give a user two tokens);
+//! - simulated TPOT = mean simulated step time / (output tokens / decodes): the simulated time a
+//!   user waits per token (with MTP a decode can give a user two tokens);
 //! - simulated tokens/s per user = 1 / TPOT; per GPU = output tokens / Σ simulated time / EP size;
 //!   per node = per GPU × the profile's GPUs per node;
 //! - real step time: wall time from a step's start to the end of its compute (planning, the model,
@@ -85,6 +85,8 @@ pub struct DecodeBenchReport {
     pub steps: usize,
     /// Output tokens of the measured steps.
     pub output_tokens: u64,
+    /// Decodes in the measured steps (requests × steps while every request decodes every step).
+    pub decodes: u64,
     /// Mean simulated step time, ms.
     pub sim_step_ms: f64,
     /// Simulated time per output token of one user, ms.
@@ -138,8 +140,11 @@ pub fn run_decode_bench(
     let model = Arc::new(DeepSeekV3::from_checkpoint(&ckpt, &Device::Cpu)?);
     let requests = config.num_requests();
     let spec = usize::from(config.engine.mtp);
-    // Enough output for every measured step even if every draft is accepted.
-    let max_output = 2 * (config.steps + 4);
+    // Requests admitted first decode while later prompts are still prefilling: leave room for two
+    // tokens per step of the whole run (prefill steps included), so that no request finishes
+    // before the measured steps end.
+    let warmup_limit = warmup_limit(config);
+    let max_output = 2 * (config.steps + warmup_limit) + 8;
     let max_context = config.workload.prompt_tokens + max_output + 1;
     let model_positions = model.config().max_position_embeddings;
     if max_context > model_positions {
@@ -245,7 +250,7 @@ fn measure<X: ExpertBackend>(
     }
 
     // Prefill every prompt (not measured).
-    let warmup_limit = requests * config.workload.prompt_tokens / PREFILL_BUDGET_TOKENS + 16;
+    let warmup_limit = warmup_limit(config);
     let mut warmup_steps = 0;
     loop {
         let start = (time.now_ns)();
@@ -265,7 +270,7 @@ fn measure<X: ExpertBackend>(
 
     let before = driver.state().stats().clone();
     let (mut sim_ns, mut real_ns, mut exec_ns, mut lag_ns) = (0u64, 0u64, 0u64, 0u64);
-    let (mut late_steps, mut output_tokens) = (0usize, 0u64);
+    let (mut late_steps, mut output_tokens, mut decodes) = (0usize, 0u64, 0u64);
     let mut trace_json = None;
     for i in 0..config.steps {
         let last = i + 1 == config.steps;
@@ -282,6 +287,7 @@ fn measure<X: ExpertBackend>(
         lag_ns += r.pace.lag_ns;
         late_steps += usize::from(r.pace.lag_ns > 0);
         output_tokens += r.num_output_tokens as u64;
+        decodes += r.num_decodes as u64;
         if last && record_trace {
             trace_json = driver.clock_mut().take_trace().map(|t| t.to_chrome_json());
         }
@@ -296,9 +302,10 @@ fn measure<X: ExpertBackend>(
     let shape = fabric.shape();
     let steps = config.steps as f64;
     let sim_s = sim_ns as f64 / 1e9;
-    let tokens_per_user = output_tokens as f64 / requests as f64;
-    let sim_tpot_ms = if tokens_per_user > 0.0 {
-        sim_ns as f64 / 1e6 / tokens_per_user
+    // Tokens a decoding request gets per step (1 + accepted drafts).
+    let tokens_per_decode = output_tokens as f64 / decodes.max(1) as f64;
+    let sim_tpot_ms = if tokens_per_decode > 0.0 {
+        sim_ns as f64 / 1e6 / steps / tokens_per_decode
     } else {
         0.0
     };
@@ -341,6 +348,7 @@ fn measure<X: ExpertBackend>(
         warmup_steps,
         steps: config.steps,
         output_tokens,
+        decodes,
         sim_step_ms: sim_ns as f64 / 1e6 / steps,
         sim_tpot_ms,
         sim_tokens_per_s_per_user: if sim_tpot_ms > 0.0 {
@@ -371,6 +379,11 @@ fn measure<X: ExpertBackend>(
         acceptance_rate: (drafts > 0).then(|| drafts_accepted as f64 / drafts as f64),
         trace_json,
     })
+}
+
+/// The most steps the prompts may take to prefill.
+fn warmup_limit(config: &DecodeBenchConfig) -> usize {
+    config.num_requests() * config.workload.prompt_tokens / PREFILL_BUDGET_TOKENS + 16
 }
 
 fn check_step(
