@@ -81,6 +81,7 @@ mod shape;
 mod step;
 mod sweep;
 mod synthetic;
+mod tally;
 mod topology;
 mod trace;
 

@@ -201,12 +201,17 @@ impl CollectiveSim<'_> {
             ..CollectiveResult::default()
         };
         // GPUs in issue order (ties: index), so every rx link sees its flows in start order.
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|&a, &b| {
-            issue_us[a as usize]
-                .total_cmp(&issue_us[b as usize])
-                .then(a.cmp(&b))
-        });
+        // Keys in `f64::total_cmp` order (sign-magnitude to two's complement), then the index.
+        let mut keyed: Vec<(i64, u32)> = issue_us
+            .iter()
+            .enumerate()
+            .map(|(g, t)| {
+                let bits = t.to_bits() as i64;
+                (bits ^ ((((bits >> 63) as u64) >> 1) as i64), g as u32)
+            })
+            .collect();
+        keyed.sort_unstable();
+        let order: Vec<u32> = keyed.iter().map(|&(_, g)| g).collect();
         let mut scratch = Scratch::new(n);
         let (first, second) = match kind {
             CollectiveKind::Dispatch => (nic, nvl),

@@ -17,7 +17,12 @@
 //!   deduplication.
 //!
 //! Replica choice (an expert with several copies): the copy on the token's GPU, else the first copy
-//! in the token's NVLink domain, else copy `(token + source + expert) mod copies`.
+//! in the token's NVLink domain, else copy `(token + source + expert) mod copies` — unless the
+//! routing names the serving GPU of each copy ([`LayerRouting::with_gpus`]), which is then used.
+//!
+//! Counting is done by [`crate::tally`] (the hot loop of a step with many routing layers), which
+//! falls back to the copy-by-copy reference loop here for routings that name serving GPUs or
+//! unknown experts; the two give identical counts (property-tested).
 //!
 //! Invariant: Σ NIC units and Σ NVLink units equal the copies the path moves (checked in tests),
 //! and `pairs` sums to tokens × top_k.
@@ -27,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::FabricError;
 use crate::placement::ExpertPlacement;
 use crate::routing::LayerRouting;
+use crate::tally;
 use crate::topology::Topology;
 
 /// How dispatch reaches GPUs in other NVLink domains.
@@ -87,9 +93,17 @@ pub struct PackedFlow {
 impl FlowSet {
     fn from_entries(
         num_gpus: usize,
+        flows: usize,
         entries: impl Iterator<Item = (u32, u32, u32, bool, f64)>,
     ) -> Self {
-        let mut set = FlowSet::default();
+        let mut set = FlowSet {
+            src: Vec::with_capacity(flows),
+            dst: Vec::with_capacity(flows),
+            units: Vec::with_capacity(flows),
+            forwarded: Vec::with_capacity(flows),
+            latency_us: Vec::with_capacity(flows),
+            ..FlowSet::default()
+        };
         for (s, d, u, f, l) in entries {
             if u > 0 {
                 set.src.push(s);
@@ -173,6 +187,30 @@ fn group(num_gpus: usize, key: &[u32], units: &[u32]) -> (Vec<u32>, Vec<u32>) {
         offsets[g + 1] += offsets[g];
     }
     let mut fill = offsets.clone();
+    let max_units = units.iter().copied().max().unwrap_or(0) as usize;
+    if max_units <= 4 * key.len() + 64 {
+        // Two stable counting sorts, by units then by key: grouped by key, ascending units,
+        // ties in index order — the same order as sorting (units, index), without branches.
+        let mut start = vec![0u32; max_units + 2];
+        for &u in units {
+            start[u as usize + 1] += 1;
+        }
+        for u in 0..=max_units {
+            start[u + 1] += start[u];
+        }
+        let mut by_units = vec![0u32; key.len()];
+        for (i, &u) in units.iter().enumerate() {
+            by_units[start[u as usize] as usize] = i as u32;
+            start[u as usize] += 1;
+        }
+        let mut order = vec![0u32; key.len()];
+        for &i in &by_units {
+            let k = key[i as usize] as usize;
+            order[fill[k] as usize] = i;
+            fill[k] += 1;
+        }
+        return (order, offsets);
+    }
     // (units, index) packed in one integer: one cheap comparison per step of the sort.
     let mut packed = vec![0u64; key.len()];
     for (i, &k) in key.iter().enumerate() {
@@ -180,10 +218,27 @@ fn group(num_gpus: usize, key: &[u32], units: &[u32]) -> (Vec<u32>, Vec<u32>) {
         fill[k as usize] += 1;
     }
     for g in 0..num_gpus {
-        packed[offsets[g] as usize..offsets[g + 1] as usize].sort_unstable();
+        sort_small(&mut packed[offsets[g] as usize..offsets[g + 1] as usize]);
     }
     let order = packed.iter().map(|&p| p as u32).collect();
     (order, offsets)
+}
+
+/// Sorts a group of flows: insertion sort for the usual few dozen, the library's sort beyond.
+fn sort_small(v: &mut [u64]) {
+    if v.len() > 32 {
+        v.sort_unstable();
+        return;
+    }
+    for i in 1..v.len() {
+        let x = v[i];
+        let mut j = i;
+        while j > 0 && v[j - 1] > x {
+            v[j] = v[j - 1];
+            j -= 1;
+        }
+        v[j] = x;
+    }
 }
 
 /// One micro-batch's traffic and expert load.
@@ -218,71 +273,24 @@ impl TrafficPlan {
         origin: &str,
     ) -> Result<Self, FabricError> {
         let n = topology.num_gpus() as usize;
-        let domains = topology.num_domains() as usize;
         let dg = topology.domain_gpus() as usize;
         let dom = topology.domains();
         let idx = topology.indices_in_domain();
-        let top_k = routing.top_k();
         let experts = ExpertTable::new(placement, dom, idx);
-        let mut hits = vec![0u32; experts.slot_gpu.len()];
-        let mut tokens = vec![0u32; n];
-        let mut copies_out = vec![0u32; n];
         let direct = path == DispatchPath::Direct;
-        let nic_cols = if direct { n } else { domains };
-        let mut nic = vec![0u32; n * nic_cols];
-        let mut nvl = vec![0u32; n * dg];
-        let mut nvl_fwd = vec![0u32; n * dg];
-        // Deduplication stamps: GPU `g` (domain `d`) already counted for the current token.
-        let mut gpu_stamp = vec![u32::MAX; n];
-        let mut domain_stamp = vec![u32::MAX; domains];
-        let mut token_id = 0u32;
-        for (src, &(lo, hi)) in ranges.iter().enumerate().take(n) {
-            let s = src as u32;
-            let s_domain = dom[src];
-            let s_index = idx[src] as usize;
-            tokens[src] = (hi - lo) as u32;
-            copies_out[src] = ((hi - lo) * top_k) as u32;
-            let ids = routing.experts_of(src, lo..hi);
-            for (t, chosen) in ids.chunks(top_k).enumerate() {
-                token_id = token_id.wrapping_add(1);
-                for &e in chosen {
-                    let e = usize::from(e);
-                    let Some(&one) = experts.single.get(e) else {
-                        return Err(FabricError::invalid(
-                            origin,
-                            format!("rank {src} token {}", lo + t),
-                            format!("chooses expert {e}, which the placement does not have"),
-                        ));
-                    };
-                    let copy = if one.slot != u32::MAX {
-                        one
-                    } else {
-                        experts.choose(e, s, s_domain, dom, idx, lo + t + src + e)
-                    };
-                    let gi = copy.gpu as usize;
-                    hits[copy.slot as usize] += 1;
-                    if direct {
-                        nic[src * nic_cols + gi] += u32::from(copy.gpu != s);
-                        continue;
-                    }
-                    // Branch-free on purpose (routing is random, branches would mispredict):
-                    // every update adds 0 when it does not apply.
-                    let new_gpu = gpu_stamp[gi] != token_id && copy.gpu != s;
-                    gpu_stamp[gi] = token_id;
-                    let d = copy.domain as usize;
-                    let local_domain = copy.domain == s_domain;
-                    let new_domain = new_gpu && !local_domain && domain_stamp[d] != token_id;
-                    domain_stamp[d] = token_id;
-                    nic[src * nic_cols + d] += u32::from(new_domain);
-                    // Same domain: straight over NVLink from the source; else from the forwarder.
-                    let from = if local_domain { src } else { d * dg + s_index };
-                    let hop = new_gpu && from != gi;
-                    let cell = from * dg + copy.index as usize;
-                    nvl[cell] += u32::from(hop);
-                    nvl_fwd[cell] += u32::from(hop && !local_domain);
-                }
-            }
-        }
+        let counts = match tally::count(topology, &experts, routing, ranges, direct) {
+            Some(counts) => counts,
+            None => reference_counts(topology, &experts, routing, ranges, direct, origin)?,
+        };
+        let Counts {
+            nic,
+            nic_cols,
+            nvl,
+            nvl_fwd,
+            hits,
+            tokens,
+            copies_out,
+        } = counts;
         let mut pairs = vec![0u32; n];
         let mut active_experts = vec![0u32; n];
         for (slot, &h) in hits.iter().enumerate() {
@@ -290,8 +298,10 @@ impl TrafficPlan {
             pairs[g] += h;
             active_experts[g] += u32::from(h > 0);
         }
+        let nonzero = |v: &[u32]| v.iter().filter(|&&u| u > 0).count();
         let nic_flows = FlowSet::from_entries(
             n,
+            nonzero(&nic),
             nic.iter()
                 .enumerate()
                 .filter(|(_, u)| **u > 0)
@@ -309,6 +319,7 @@ impl TrafficPlan {
         let nvlink_us = topology.nvlink_latency_us();
         let nvl_flows = FlowSet::from_entries(
             n,
+            nonzero(&nvl),
             nvl.iter()
                 .enumerate()
                 .filter(|(_, u)| **u > 0)
@@ -335,9 +346,126 @@ impl TrafficPlan {
     }
 }
 
+/// What the counting loop of a plan produces (dispatch direction).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Copies per (source, column): column = target domain (forwarded) or GPU (direct).
+    pub nic: Vec<u32>,
+    /// Columns of `nic`.
+    pub nic_cols: usize,
+    /// NVLink hops per (sender, in-domain index of the receiver).
+    pub nvl: Vec<u32>,
+    /// The forwarded part of `nvl`.
+    pub nvl_fwd: Vec<u32>,
+    /// Copies per expert slot.
+    pub hits: Vec<u32>,
+    /// Tokens each GPU sends.
+    pub tokens: Vec<u32>,
+    /// Routed copies each GPU sends, local ones included.
+    pub copies_out: Vec<u32>,
+}
+
+/// The counting loop, copy by copy, with deduplication stamps: the rule as the module doc states
+/// it, for every routing (explicit serving GPUs, unknown expert ids reported with their token).
+/// [`tally::count`] gives the same counts faster where it applies.
+pub(crate) fn reference_counts(
+    topology: &Topology,
+    experts: &ExpertTable,
+    routing: &LayerRouting,
+    ranges: &[(usize, usize)],
+    direct: bool,
+    origin: &str,
+) -> Result<Counts, FabricError> {
+    let n = topology.num_gpus() as usize;
+    let domains = topology.num_domains() as usize;
+    let dg = topology.domain_gpus() as usize;
+    let dom = topology.domains();
+    let idx = topology.indices_in_domain();
+    let top_k = routing.top_k();
+    let mut hits = vec![0u32; experts.slot_gpu.len()];
+    let mut tokens = vec![0u32; n];
+    let mut copies_out = vec![0u32; n];
+    let nic_cols = if direct { n } else { domains };
+    let mut nic = vec![0u32; n * nic_cols];
+    let mut nvl = vec![0u32; n * dg];
+    let mut nvl_fwd = vec![0u32; n * dg];
+    // Deduplication stamps: GPU `g` (domain `d`) already counted for the current token.
+    let mut gpu_stamp = vec![u32::MAX; n];
+    let mut domain_stamp = vec![u32::MAX; domains];
+    let mut token_id = 0u32;
+    for (src, &(lo, hi)) in ranges.iter().enumerate().take(n) {
+        let s = src as u32;
+        let s_domain = dom[src];
+        let s_index = idx[src] as usize;
+        tokens[src] = (hi - lo) as u32;
+        copies_out[src] = ((hi - lo) * top_k) as u32;
+        let ids = routing.experts_of(src, lo..hi);
+        let gpus = routing.gpus_of(src, lo..hi);
+        for (t, chosen) in ids.chunks(top_k).enumerate() {
+            token_id = token_id.wrapping_add(1);
+            for (j, &e) in chosen.iter().enumerate() {
+                let e = usize::from(e);
+                let Some(&one) = experts.single.get(e) else {
+                    return Err(FabricError::invalid(
+                        origin,
+                        format!("rank {src} token {}", lo + t),
+                        format!("chooses expert {e}, which the placement does not have"),
+                    ));
+                };
+                let given = gpus
+                    .and_then(|g| g.get(t * top_k + j).copied())
+                    .filter(|&g| g != LayerRouting::ANY_GPU);
+                let copy = if let Some(g) = given {
+                    experts.on_gpu(e, g, dom, idx).ok_or_else(|| {
+                        FabricError::invalid(
+                            origin,
+                            format!("rank {src} token {} gpus[{j}]", lo + t),
+                            format!("sends expert {e} to GPU {g}, which holds no copy of it"),
+                        )
+                    })?
+                } else if one.slot != u32::MAX {
+                    one
+                } else {
+                    experts.choose(e, s, s_domain, dom, idx, lo + t + src + e)
+                };
+                let gi = copy.gpu as usize;
+                hits[copy.slot as usize] += 1;
+                if direct {
+                    nic[src * nic_cols + gi] += u32::from(copy.gpu != s);
+                    continue;
+                }
+                // Branch-free on purpose (routing is random, branches would mispredict):
+                // every update adds 0 when it does not apply.
+                let new_gpu = gpu_stamp[gi] != token_id && copy.gpu != s;
+                gpu_stamp[gi] = token_id;
+                let d = copy.domain as usize;
+                let local_domain = copy.domain == s_domain;
+                let new_domain = new_gpu && !local_domain && domain_stamp[d] != token_id;
+                domain_stamp[d] = token_id;
+                nic[src * nic_cols + d] += u32::from(new_domain);
+                // Same domain: straight over NVLink from the source; else from the forwarder.
+                let from = if local_domain { src } else { d * dg + s_index };
+                let hop = new_gpu && from != gi;
+                let cell = from * dg + copy.index as usize;
+                nvl[cell] += u32::from(hop);
+                nvl_fwd[cell] += u32::from(hop && !local_domain);
+            }
+        }
+    }
+    Ok(Counts {
+        nic,
+        nic_cols,
+        nvl,
+        nvl_fwd,
+        hits,
+        tokens,
+        copies_out,
+    })
+}
+
 /// Where one expert copy lives, resolved for the hot loop.
 #[derive(Debug, Clone, Copy)]
-struct Copy {
+pub(crate) struct Copy {
     slot: u32,
     gpu: u32,
     domain: u32,
@@ -347,14 +475,14 @@ struct Copy {
 /// Expert copies flattened for the hot loop: expert `e`'s copies are slots
 /// `base[e]..base[e + 1]`, slot `j` on GPU `slot_gpu[j]`; `single[e]` resolves an expert with
 /// one copy in one load (`slot == u32::MAX` when it has several).
-struct ExpertTable {
-    base: Vec<usize>,
-    slot_gpu: Vec<u32>,
-    single: Vec<Copy>,
+pub(crate) struct ExpertTable {
+    pub(crate) base: Vec<usize>,
+    pub(crate) slot_gpu: Vec<u32>,
+    pub(crate) single: Vec<Copy>,
 }
 
 impl ExpertTable {
-    fn new(placement: &ExpertPlacement, domains: &[u32], indices: &[u32]) -> Self {
+    pub(crate) fn new(placement: &ExpertPlacement, domains: &[u32], indices: &[u32]) -> Self {
         let mut base = Vec::with_capacity(placement.num_experts() + 1);
         let mut slot_gpu = Vec::with_capacity(placement.total_slots());
         let mut single = Vec::with_capacity(placement.num_experts());
@@ -381,6 +509,18 @@ impl ExpertTable {
             slot_gpu,
             single,
         }
+    }
+
+    /// Expert `e`'s copy on GPU `gpu`, if it has one there.
+    fn on_gpu(&self, e: usize, gpu: u32, domains: &[u32], indices: &[u32]) -> Option<Copy> {
+        let (lo, hi) = (*self.base.get(e)?, *self.base.get(e + 1)?);
+        let j = self.slot_gpu.get(lo..hi)?.iter().position(|&g| g == gpu)?;
+        Some(Copy {
+            slot: (lo + j) as u32,
+            gpu,
+            domain: *domains.get(gpu as usize)?,
+            index: *indices.get(gpu as usize)?,
+        })
     }
 
     /// The copy serving expert `e` (several copies) for a token on `src`: the copy on `src`,
@@ -446,6 +586,24 @@ mod tests {
         let direct = one_token_plan(&[9, 10, 17, 3, 0], DispatchPath::Direct);
         assert_eq!(direct.nic.total_units(), 4);
         assert!(direct.nvlink.is_empty());
+    }
+
+    #[test]
+    fn grouping_by_counting_sorts_matches_sorting_units_then_index() {
+        // Small units take the counting-sort path, large ones the comparison sort.
+        for scale in [3u32, 1_000_000] {
+            let key: Vec<u32> = (0..200u32).map(|i| (i * 7) % 13).collect();
+            let units: Vec<u32> = (0..200u32).map(|i| ((i * 31) % 17) * scale).collect();
+            let (order, offsets) = group(13, &key, &units);
+            for g in 0..13 {
+                let got = &order[offsets[g] as usize..offsets[g + 1] as usize];
+                let mut want: Vec<u32> = (0..200u32)
+                    .filter(|&i| key[i as usize] == g as u32)
+                    .collect();
+                want.sort_by_key(|&i| (units[i as usize], i));
+                assert_eq!(got, want.as_slice());
+            }
+        }
     }
 
     #[test]

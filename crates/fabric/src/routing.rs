@@ -3,7 +3,12 @@
 //! Tokens are numbered per rank in the batch's order (requests in order, each request's new tokens
 //! consecutively). The shared expert is not listed: every token uses it, on its own GPU.
 //!
-//! Invariant (checked by [`LayerRouting::new`]): `experts.len() == top_k × Σ tokens_per_rank`.
+//! A routing may also name the GPU that serves each (token, expert) copy
+//! ([`LayerRouting::with_gpus`]: an EP runtime's recorded dispatch); the traffic plan then sends
+//! every copy there instead of choosing among the expert's replicas.
+//!
+//! Invariant (checked by [`LayerRouting::new`]): `experts.len() == top_k × Σ tokens_per_rank`, and
+//! the serving GPUs, when given, are as many as the expert ids.
 
 use crate::error::FabricError;
 
@@ -17,9 +22,14 @@ pub struct LayerRouting {
     /// `offsets[r]..offsets[r + 1]` are rank `r`'s tokens.
     offsets: Vec<usize>,
     experts: Vec<u16>,
+    /// The GPU serving each copy, parallel to `experts` ([`LayerRouting::with_gpus`]).
+    gpus: Option<Vec<u32>>,
 }
 
 impl LayerRouting {
+    /// A [`LayerRouting::with_gpus`] entry that leaves its copy to the traffic plan's replica rule.
+    pub const ANY_GPU: u32 = u32::MAX;
+
     /// Routing of `tokens_per_rank[r]` tokens on each rank, `top_k` expert ids per token, flattened
     /// rank by rank and token by token.
     pub fn new(
@@ -55,7 +65,36 @@ impl LayerRouting {
             top_k,
             offsets,
             experts,
+            gpus: None,
         })
+    }
+
+    /// The same routing with the GPU that serves each (token, expert) copy, flattened like the
+    /// expert ids: the traffic plan sends every copy to its GPU instead of choosing among the
+    /// expert's replicas (an error naming the token when that GPU holds no copy of the expert);
+    /// an entry [`LayerRouting::ANY_GPU`] leaves its copy to the plan's rule.
+    pub fn with_gpus(mut self, gpus: Vec<u32>) -> Result<Self, FabricError> {
+        if gpus.len() != self.experts.len() {
+            return Err(FabricError::invalid(
+                "routing",
+                "gpus",
+                format!(
+                    "has {} serving GPUs for {} expert ids",
+                    gpus.len(),
+                    self.experts.len()
+                ),
+            ));
+        }
+        self.gpus = Some(gpus);
+        Ok(self)
+    }
+
+    /// The serving GPUs of rank `rank`'s tokens `tokens`, flattened like
+    /// [`LayerRouting::experts_of`], when the routing names them.
+    pub fn gpus_of(&self, rank: usize, tokens: std::ops::Range<usize>) -> Option<&[u32]> {
+        let gpus = self.gpus.as_deref()?;
+        let base = *self.offsets.get(rank)?;
+        gpus.get((base + tokens.start) * self.top_k..(base + tokens.end) * self.top_k)
     }
 
     /// Routed experts per token.
