@@ -35,6 +35,7 @@ pub mod error;
 pub mod http;
 pub mod internal;
 pub mod kv_frame;
+pub mod metrics;
 pub mod openai;
 pub mod params;
 

@@ -20,7 +20,7 @@ use pdserve_protocol::params::{
 use rand::Rng;
 
 use crate::assemble::{ChoiceAssembler, TokenLogprobText};
-use crate::metrics::names;
+use crate::metrics::catalog;
 use crate::orchestrate::{GenEvent, GenerationHandle, GenerationOutcome, GenerationSpec};
 use crate::respond::{
     self, ChoiceResult, Endpoint, HEADER_DECODE_INSTANCE, HEADER_PREFILL_INSTANCE, HEADER_TIMINGS,
@@ -237,6 +237,9 @@ async fn collect(
                     .assembler
                     .finish_reason()
                     .ok_or_else(|| ApiError::internal("choice finished without a reason"))?;
+                state
+                    .metrics
+                    .generation_finished(crate::metrics::finish_label(finish_reason));
                 return Ok((
                     ChoiceResult {
                         index: choice.index,
@@ -280,15 +283,18 @@ pub(crate) fn usage(prompt_lens: &[u64], finished: &[FinishedChoice]) -> Usage {
 pub(crate) fn record_tokens(state: &AppState, usage: &Usage) {
     state
         .metrics
-        .add(names::PROMPT_TOKENS_TOTAL, usage.prompt_tokens);
-    state
-        .metrics
-        .add(names::GENERATION_TOKENS_TOTAL, usage.completion_tokens);
+        .add(&catalog::ROUTER_PROMPT_TOKENS_TOTAL, usage.prompt_tokens);
+    state.metrics.add(
+        &catalog::ROUTER_GENERATION_TOKENS_TOTAL,
+        usage.completion_tokens,
+    );
     let cached = usage
         .prompt_tokens_details
         .as_ref()
         .map_or(0, |d| d.cached_tokens);
-    state.metrics.add(names::CACHED_TOKENS_TOTAL, cached);
+    state
+        .metrics
+        .add(&catalog::ROUTER_CACHED_TOKENS_TOTAL, cached);
 }
 
 pub(crate) fn extension(finished: &[FinishedChoice]) -> ResponseExtension {

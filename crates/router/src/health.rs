@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use crate::metrics::names;
+use crate::metrics::catalog;
 use crate::state::AppState;
 
 /// Probes every instance once, concurrently.
@@ -26,7 +26,7 @@ pub async fn probe_all(state: &AppState) {
                     tracing::info!(instance = %inst.id, role = inst.role.as_str(), "instance healthy again");
                 }
                 let labels = [("role", inst.role.as_str()), ("instance", &*inst.id)];
-                state.metrics.gauge(names::INSTANCE_KV_CACHE_USAGE_PERC, &labels).set(kv);
+                state.metrics.gauge(&catalog::ROUTER_INSTANCE_KV_CACHE_USAGE_PERC, &labels).set(kv);
             }
             Err(e) => {
                 if inst.failed(&orch.health) == Some(false) {
@@ -36,10 +36,10 @@ pub async fn probe_all(state: &AppState) {
         }
         let labels = [("role", inst.role.as_str()), ("instance", &*inst.id)];
         let healthy = if inst.view().healthy { 1.0 } else { 0.0 };
-        state.metrics.gauge(names::INSTANCE_HEALTHY, &labels).set(healthy);
+        state.metrics.gauge(&catalog::ROUTER_INSTANCE_HEALTHY, &labels).set(healthy);
         state
             .metrics
-            .gauge(names::INSTANCE_INFLIGHT_REQUESTS, &labels)
+            .gauge(&catalog::ROUTER_INSTANCE_INFLIGHT_REQUESTS, &labels)
             .set(f64::from(inst.inflight_requests()));
     }))
     .await;

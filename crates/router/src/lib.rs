@@ -10,7 +10,8 @@
 //!   [`policy::PowerOfTwo`], [`policy::CacheAware`]);
 //! - [`orchestrate::Orchestrator`]: one task per generation, retries, stage timeouts and aborts;
 //! - [`assemble::ChoiceAssembler`]: incremental detokenization and stop strings;
-//! - [`metrics::names`]: every `pdserve_router_*` metric name.
+//! - [`metrics::RouterMetrics`]: the `pdserve_router_*` metrics, named in the catalog
+//!   [`pdserve_protocol::metrics`] (docs/metrics.md).
 //!
 //! ```no_run
 //! use pdserve_router::{InstanceConfig, RouterConfig, serve};

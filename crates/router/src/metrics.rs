@@ -1,83 +1,33 @@
-//! The router's Prometheus metrics: every name is a constant in [`names`], recorded through
-//! [`RouterMetrics`] into a registry owned by the router (not a process-global recorder, so several
-//! routers, or tests, in one process keep separate counts) and rendered on `/metrics`.
+//! The router's Prometheus metrics: names, help texts, units and buckets come from the catalog
+//! ([`pdserve_protocol::metrics`], re-exported as [`catalog`]); values are recorded through
+//! [`RouterMetrics`] into a registry owned by the router (not a process-global recorder, so
+//! several routers, or tests, in one process keep separate counts) and rendered on `/metrics`.
 //!
-//! Conventions (DESIGN §8): `pdserve_router_<what>_<unit>`, counters end in `_total`, durations in
-//! `_seconds`; labels are bounded: `endpoint` (a fixed set), `status` (HTTP code), `role`
-//! (`prefill`/`decode`), `instance` (ids from the config), `reason`/`stage` (fixed sets).
+//! Extra sources ([`RouterMetrics::add_source`]) let one process expose one scrape target:
+//! `pdserve up` adds its in-process prefill and decode instances, whose text is merged after the
+//! router's by [`merge_exposition`] (one `# HELP`/`# TYPE` per family, samples of a family kept
+//! together, as the text format requires).
+
+use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-
-/// Metric names.
-pub mod names {
-    /// Counter `{endpoint, status}`: requests answered, by HTTP status.
-    pub const REQUESTS_TOTAL: &str = "pdserve_router_requests_total";
-    /// Gauge: requests in flight.
-    pub const NUM_REQUESTS_RUNNING: &str = "pdserve_router_num_requests_running";
-    /// Histogram: arrival to first token (per generated choice).
-    pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "pdserve_router_time_to_first_token_seconds";
-    /// Histogram: gap between decode events, divided over the tokens of the later event.
-    pub const INTER_TOKEN_LATENCY_SECONDS: &str = "pdserve_router_inter_token_latency_seconds";
-    /// Histogram: arrival to end of a generation.
-    pub const E2E_REQUEST_LATENCY_SECONDS: &str = "pdserve_router_e2e_request_latency_seconds";
-    /// Histogram: time queued at the prefill instance (reported by prefill).
-    pub const REQUEST_QUEUE_TIME_SECONDS: &str = "pdserve_router_request_queue_time_seconds";
-    /// Histogram: prefill compute (reported by prefill).
-    pub const REQUEST_PREFILL_TIME_SECONDS: &str = "pdserve_router_request_prefill_time_seconds";
-    /// Histogram: KV transfer prefill → decode (reported by prefill).
-    pub const KV_TRANSFER_TIME_SECONDS: &str = "pdserve_router_kv_transfer_time_seconds";
-    /// Histogram: first token to last token of a generation.
-    pub const REQUEST_DECODE_TIME_SECONDS: &str = "pdserve_router_request_decode_time_seconds";
-    /// Histogram: router work before dispatch (parse, validate, tokenize, select).
-    pub const ROUTER_OVERHEAD_SECONDS: &str = "pdserve_router_overhead_seconds";
-    /// Counter: prompt tokens of answered requests.
-    pub const PROMPT_TOKENS_TOTAL: &str = "pdserve_router_prompt_tokens_total";
-    /// Counter: generated tokens of answered requests.
-    pub const GENERATION_TOKENS_TOTAL: &str = "pdserve_router_generation_tokens_total";
-    /// Counter: prompt tokens served from prefill prefix caches.
-    pub const CACHED_TOKENS_TOTAL: &str = "pdserve_router_cached_tokens_total";
-    /// Counter `{role, instance, policy}`: routing decisions.
-    pub const ROUTING_DECISIONS_TOTAL: &str = "pdserve_router_routing_decisions_total";
-    /// Counter `{role, reason}`: legs retried on another instance (prefill: before decode
-    /// committed; decode: opening the stream).
-    pub const RETRIES_TOTAL: &str = "pdserve_router_retries_total";
-    /// Counter `{role, reason}`: abort calls sent to instances.
-    pub const ABORTS_TOTAL: &str = "pdserve_router_aborts_total";
-    /// Counter `{stage}`: stage timeouts.
-    pub const STAGE_TIMEOUTS_TOTAL: &str = "pdserve_router_stage_timeouts_total";
-    /// Counter `{reason}`: generations that failed.
-    pub const GENERATION_FAILURES_TOTAL: &str = "pdserve_router_generation_failures_total";
-    /// Gauge `{role, instance}`: 1 when the instance is eligible for routing.
-    pub const INSTANCE_HEALTHY: &str = "pdserve_router_instance_healthy";
-    /// Gauge `{role, instance}`: requests this router has in flight on the instance.
-    pub const INSTANCE_INFLIGHT_REQUESTS: &str = "pdserve_router_instance_inflight_requests";
-    /// Gauge `{role, instance}`: KV usage the instance last reported (0..1).
-    pub const INSTANCE_KV_CACHE_USAGE_PERC: &str = "pdserve_router_instance_kv_cache_usage_perc";
-}
-
-use names::*;
-
-const LATENCY_BUCKETS_S: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0,
-];
-const ITL_BUCKETS_S: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-const OVERHEAD_BUCKETS_S: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-];
+pub use pdserve_protocol::metrics as catalog;
+use pdserve_protocol::metrics::{MetricDef, MetricKind};
 
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// Renders another registry's Prometheus text (e.g. an in-process instance).
+pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// The router's metrics registry.
 pub struct RouterMetrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    sources: Mutex<Vec<MetricsSource>>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -86,115 +36,72 @@ impl std::fmt::Debug for RouterMetrics {
     }
 }
 
-impl RouterMetrics {
-    /// A fresh registry with histogram buckets and descriptions.
-    pub fn new() -> Result<RouterMetrics, BuildError> {
-        let mut builder = PrometheusBuilder::new();
-        let histograms: [(&str, &[f64]); 8] = [
-            (TIME_TO_FIRST_TOKEN_SECONDS, LATENCY_BUCKETS_S),
-            (INTER_TOKEN_LATENCY_SECONDS, ITL_BUCKETS_S),
-            (E2E_REQUEST_LATENCY_SECONDS, LATENCY_BUCKETS_S),
-            (REQUEST_QUEUE_TIME_SECONDS, LATENCY_BUCKETS_S),
-            (REQUEST_PREFILL_TIME_SECONDS, LATENCY_BUCKETS_S),
-            (KV_TRANSFER_TIME_SECONDS, LATENCY_BUCKETS_S),
-            (REQUEST_DECODE_TIME_SECONDS, LATENCY_BUCKETS_S),
-            (ROUTER_OVERHEAD_SECONDS, OVERHEAD_BUCKETS_S),
-        ];
-        for (name, buckets) in histograms {
-            builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
+/// The catalog's unit of `def` as the `metrics` crate's, when it has one.
+fn unit_of(def: &MetricDef) -> Option<Unit> {
+    match def.unit {
+        "seconds" => Some(Unit::Seconds),
+        "bytes" => Some(Unit::Bytes),
+        _ => None,
+    }
+}
+
+/// Histogram buckets and descriptions of `defs` on a builder / recorder.
+pub(crate) fn with_buckets<'a>(
+    mut builder: PrometheusBuilder,
+    defs: impl Iterator<Item = &'a MetricDef>,
+) -> Result<PrometheusBuilder, BuildError> {
+    for d in defs.filter(|d| d.kind == MetricKind::Histogram) {
+        builder = builder.set_buckets_for_metric(Matcher::Full(d.name.to_string()), d.buckets)?;
+    }
+    Ok(builder)
+}
+
+fn describe<'a>(recorder: &PrometheusRecorder, defs: impl Iterator<Item = &'a MetricDef>) {
+    for d in defs {
+        let name = KeyName::from_const_str(d.name);
+        match d.kind {
+            MetricKind::Counter => recorder.describe_counter(name, unit_of(d), d.help.into()),
+            MetricKind::Gauge => recorder.describe_gauge(name, unit_of(d), d.help.into()),
+            MetricKind::Histogram => recorder.describe_histogram(name, unit_of(d), d.help.into()),
         }
+    }
+}
+
+impl RouterMetrics {
+    /// A fresh registry with the catalog's buckets and descriptions of every router metric.
+    pub fn new() -> Result<RouterMetrics, BuildError> {
+        let builder = with_buckets(PrometheusBuilder::new(), catalog::of_component("router"))?;
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        let m = RouterMetrics { recorder, handle };
-        m.describe();
-        Ok(m)
+        describe(&recorder, catalog::of_component("router"));
+        Ok(RouterMetrics {
+            recorder,
+            handle,
+            sources: Mutex::new(Vec::new()),
+        })
     }
 
-    fn describe(&self) {
-        let r = &self.recorder;
-        let d = |name: &'static str, unit: Option<Unit>, help: &'static str| (name, unit, help);
-        for (name, unit, help) in [
-            d(
-                REQUESTS_TOTAL,
-                None,
-                "Requests answered, by endpoint and HTTP status.",
-            ),
-            d(
-                PROMPT_TOKENS_TOTAL,
-                None,
-                "Prompt tokens of answered requests.",
-            ),
-            d(
-                GENERATION_TOKENS_TOTAL,
-                None,
-                "Generated tokens of answered requests.",
-            ),
-            d(
-                CACHED_TOKENS_TOTAL,
-                None,
-                "Prompt tokens served from prefix caches.",
-            ),
-            d(
-                ROUTING_DECISIONS_TOTAL,
-                None,
-                "Instances chosen, by role, instance and policy.",
-            ),
-            d(
-                RETRIES_TOTAL,
-                None,
-                "Legs retried on another instance, by role.",
-            ),
-            d(ABORTS_TOTAL, None, "Abort calls sent to instances."),
-            d(STAGE_TIMEOUTS_TOTAL, None, "Stage timeouts, by stage."),
-            d(
-                GENERATION_FAILURES_TOTAL,
-                None,
-                "Failed generations, by reason.",
-            ),
-        ] {
-            r.describe_counter(KeyName::from(name), unit, help.into());
-        }
-        for (name, help) in [
-            (TIME_TO_FIRST_TOKEN_SECONDS, "Arrival to first token."),
-            (INTER_TOKEN_LATENCY_SECONDS, "Gap between tokens."),
-            (E2E_REQUEST_LATENCY_SECONDS, "Arrival to end of generation."),
-            (
-                REQUEST_QUEUE_TIME_SECONDS,
-                "Time queued at the prefill instance.",
-            ),
-            (REQUEST_PREFILL_TIME_SECONDS, "Prefill compute time."),
-            (
-                KV_TRANSFER_TIME_SECONDS,
-                "KV transfer time from prefill to decode.",
-            ),
-            (REQUEST_DECODE_TIME_SECONDS, "First token to last token."),
-            (ROUTER_OVERHEAD_SECONDS, "Router work before dispatch."),
-        ] {
-            r.describe_histogram(KeyName::from(name), Some(Unit::Seconds), help.into());
-        }
-        for (name, help) in [
-            (NUM_REQUESTS_RUNNING, "Requests in flight at the router."),
-            (
-                INSTANCE_HEALTHY,
-                "1 when the instance is eligible for routing.",
-            ),
-            (
-                INSTANCE_INFLIGHT_REQUESTS,
-                "Requests this router has in flight on the instance.",
-            ),
-            (
-                INSTANCE_KV_CACHE_USAGE_PERC,
-                "KV usage reported by the instance (0..1).",
-            ),
-        ] {
-            r.describe_gauge(KeyName::from(name), None, help.into());
+    /// Appends another registry's text to every [`RouterMetrics::render`].
+    pub fn add_source(&self, source: MetricsSource) {
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.push(source);
         }
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition: the router's metrics, then every added source's, merged.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
-        self.handle.render()
+        let own = self.handle.render();
+        let sources: Vec<MetricsSource> = match self.sources.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => Vec::new(),
+        };
+        if sources.is_empty() {
+            return own;
+        }
+        let mut texts = vec![own];
+        texts.extend(sources.iter().map(|s| s()));
+        merge_exposition(&texts)
     }
 
     /// Drains histogram buffers; call periodically when nobody scrapes.
@@ -202,66 +109,176 @@ impl RouterMetrics {
         self.handle.run_upkeep();
     }
 
-    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    fn key(def: &MetricDef, labels: &[(&'static str, &str)]) -> Key {
+        debug_assert!(
+            labels.iter().all(|(k, _)| def.labels.contains(k)),
+            "{}: label not in the catalog",
+            def.name
+        );
         let labels: Vec<Label> = labels
             .iter()
             .map(|(k, v)| Label::new(*k, v.to_string()))
             .collect();
-        Key::from_parts(name, labels)
+        Key::from_parts(def.name, labels)
     }
 
     /// A counter handle.
-    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+    pub fn counter(&self, def: &MetricDef, labels: &[(&'static str, &str)]) -> Counter {
         self.recorder
-            .register_counter(&Self::key(name, labels), &METADATA)
+            .register_counter(&Self::key(def, labels), &METADATA)
     }
 
     /// A gauge handle.
-    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+    pub fn gauge(&self, def: &MetricDef, labels: &[(&'static str, &str)]) -> Gauge {
         self.recorder
-            .register_gauge(&Self::key(name, labels), &METADATA)
+            .register_gauge(&Self::key(def, labels), &METADATA)
     }
 
     /// A histogram handle.
-    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+    pub fn histogram(&self, def: &MetricDef, labels: &[(&'static str, &str)]) -> Histogram {
         self.recorder
-            .register_histogram(&Self::key(name, labels), &METADATA)
+            .register_histogram(&Self::key(def, labels), &METADATA)
     }
 
     /// Records one answered request.
     pub fn request_answered(&self, endpoint: &str, status: u16) {
         let status = status.to_string();
         self.counter(
-            REQUESTS_TOTAL,
+            &catalog::ROUTER_REQUESTS_TOTAL,
             &[("endpoint", endpoint), ("status", &status)],
         )
         .increment(1);
     }
 
+    /// Records one finished generation (`stop`, `length`, `abort`, `error`).
+    pub fn generation_finished(&self, finished_reason: &'static str) {
+        self.counter(
+            &catalog::ROUTER_REQUESTS_FINISHED_TOTAL,
+            &[("finished_reason", finished_reason)],
+        )
+        .increment(1);
+    }
+
     /// Records a duration sample in seconds.
-    pub fn observe(&self, name: &'static str, seconds: f64) {
-        self.histogram(name, &[]).record(seconds);
+    pub fn observe(&self, def: &MetricDef, seconds: f64) {
+        self.histogram(def, &[]).record(seconds);
     }
 
     /// Adds to an unlabelled counter.
-    pub fn add(&self, name: &'static str, n: u64) {
-        self.counter(name, &[]).increment(n);
+    pub fn add(&self, def: &MetricDef, n: u64) {
+        self.counter(def, &[]).increment(n);
     }
+}
+
+/// The `finished_reason` label of a client-visible finish reason.
+pub fn finish_label(reason: pdserve_protocol::openai::FinishReason) -> &'static str {
+    match reason {
+        pdserve_protocol::openai::FinishReason::Stop => "stop",
+        pdserve_protocol::openai::FinishReason::Length => "length",
+    }
+}
+
+/// The metric family a sample line belongs to: its name, less a histogram's or summary's
+/// `_bucket`/`_sum`/`_count` when `families` knows the base.
+fn family_of<'a>(name: &'a str, known: &dyn Fn(&str) -> bool) -> &'a str {
+    if known(name) {
+        return name;
+    }
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix)
+            && known(base)
+        {
+            return base;
+        }
+    }
+    name
+}
+
+/// Merges Prometheus text expositions into one: each family once, with the first `# HELP` and
+/// `# TYPE` seen for it, followed by its samples from every text in order (series of the same
+/// family from several registries, told apart by their labels, end up together). Families keep
+/// the order of their first appearance.
+pub fn merge_exposition(texts: &[String]) -> String {
+    #[derive(Default)]
+    struct Family {
+        help: Option<String>,
+        kind: Option<String>,
+        samples: Vec<String>,
+    }
+    let mut families: Vec<Family> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = Default::default();
+    let mut entry = |name: &str| -> usize {
+        *index.entry(name.to_string()).or_insert_with(|| {
+            families.push(Family::default());
+            families.len() - 1
+        })
+    };
+    let mut slots: Vec<(usize, Line)> = Vec::new();
+    enum Line {
+        Help(String),
+        Type(String),
+        Sample(String),
+    }
+    for text in texts {
+        let typed: std::collections::HashSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let known = |n: &str| typed.contains(n);
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split_whitespace().next().unwrap_or_default();
+                slots.push((entry(name), Line::Help(line.to_string())));
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split_whitespace().next().unwrap_or_default();
+                slots.push((entry(name), Line::Type(line.to_string())));
+            } else if !line.is_empty() && !line.starts_with('#') {
+                let end = line.find(['{', ' ']).unwrap_or(line.len());
+                let name = family_of(&line[..end], &known);
+                slots.push((entry(name), Line::Sample(line.to_string())));
+            }
+        }
+    }
+    for (i, line) in slots {
+        let f = &mut families[i];
+        match line {
+            Line::Help(l) => {
+                f.help.get_or_insert(l);
+            }
+            Line::Type(l) => {
+                f.kind.get_or_insert(l);
+            }
+            Line::Sample(l) => f.samples.push(l),
+        }
+    }
+    let mut out = String::new();
+    for f in &families {
+        for line in [&f.help, &f.kind].into_iter().flatten().chain(&f.samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use catalog::*;
 
     #[test]
-    fn recorded_metrics_render_with_their_constant_names() {
+    fn recorded_metrics_render_with_their_catalog_names_and_help() {
         let m = RouterMetrics::new().unwrap();
-        m.request_answered("chat", 200);
-        m.observe(TIME_TO_FIRST_TOKEN_SECONDS, 0.02);
-        m.add(PROMPT_TOKENS_TOTAL, 7);
+        m.request_answered("chat_completions", 200);
+        m.observe(&ROUTER_TIME_TO_FIRST_TOKEN_SECONDS, 0.02);
+        m.add(&ROUTER_PROMPT_TOKENS_TOTAL, 7);
         let text = m.render();
         assert!(
-            text.contains(r#"pdserve_router_requests_total{endpoint="chat",status="200"} 1"#),
+            text.contains(
+                r#"pdserve_router_requests_total{endpoint="chat_completions",status="200"} 1"#
+            ),
             "{text}"
         );
         assert!(
@@ -272,16 +289,57 @@ mod tests {
             text.contains("pdserve_router_prompt_tokens_total 7"),
             "{text}"
         );
+        assert!(
+            text.contains(&format!(
+                "# HELP pdserve_router_prompt_tokens_total {}",
+                ROUTER_PROMPT_TOKENS_TOTAL.help
+            )),
+            "{text}"
+        );
     }
 
     #[test]
     fn two_registries_keep_separate_counts() {
         let a = RouterMetrics::new().unwrap();
         let b = RouterMetrics::new().unwrap();
-        a.add(GENERATION_TOKENS_TOTAL, 3);
+        a.add(&ROUTER_GENERATION_TOKENS_TOTAL, 3);
         assert!(
             !b.render()
                 .contains("pdserve_router_generation_tokens_total 3")
         );
+    }
+
+    #[test]
+    fn merging_keeps_one_header_per_family_and_groups_its_samples() {
+        let a = "# HELP x_total X.\n# TYPE x_total counter\nx_total{instance=\"a\"} 1\n\n\
+                 # TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_sum 1\nh_count 2\n"
+            .to_string();
+        let b = "# HELP y Y.\n# TYPE y gauge\ny 3\n\n# HELP x_total X.\n# TYPE x_total counter\n\
+                 x_total{instance=\"b\"} 4\n"
+            .to_string();
+        let merged = merge_exposition(&[a, b]);
+        assert_eq!(
+            merged,
+            "# HELP x_total X.\n# TYPE x_total counter\nx_total{instance=\"a\"} 1\n\
+             x_total{instance=\"b\"} 4\n\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_sum 1\n\
+             h_count 2\n\n# HELP y Y.\n# TYPE y gauge\ny 3\n\n"
+        );
+    }
+
+    #[test]
+    fn added_sources_render_after_the_routers_own_metrics() {
+        let m = RouterMetrics::new().unwrap();
+        m.add(&ROUTER_PROMPT_TOKENS_TOTAL, 2);
+        m.add_source(Arc::new(|| {
+            "# TYPE pdserve_decode_steps_total counter\n\
+             pdserve_decode_steps_total{instance=\"decode-0\"} 5\n"
+                .to_string()
+        }));
+        let text = m.render();
+        let own = text.find("pdserve_router_prompt_tokens_total 2").unwrap();
+        let extra = text
+            .find("pdserve_decode_steps_total{instance=\"decode-0\"} 5")
+            .unwrap();
+        assert!(own < extra, "{text}");
     }
 }

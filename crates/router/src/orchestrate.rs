@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::client::{DecodeEvents, InstanceClient, LegError};
 use crate::config::{HealthConfig, RetryConfig, TimeoutConfig};
 use crate::instances::{InflightGuard, Instance, Pool};
-use crate::metrics::{RouterMetrics, names};
+use crate::metrics::{RouterMetrics, catalog};
 use crate::policy::RequestFeatures;
 
 /// One generation to run.
@@ -244,10 +244,14 @@ impl Orchestrator {
             Ok(outcome) => {
                 let _ = tx.send(GenEvent::Finished(outcome)).await;
             }
-            Err(Interrupt::Gone) => {}
+            Err(Interrupt::Gone) => self.metrics.generation_finished("abort"),
             Err(Interrupt::Failed(error, reason)) => {
+                self.metrics.generation_finished("error");
                 self.metrics
-                    .counter(names::GENERATION_FAILURES_TOTAL, &[("reason", reason)])
+                    .counter(
+                        &catalog::ROUTER_GENERATION_FAILURES_TOTAL,
+                        &[("reason", reason)],
+                    )
                     .increment(1);
                 let _ = tx.send(GenEvent::Failed(error)).await;
             }
@@ -257,7 +261,7 @@ impl Orchestrator {
     fn record_decision(&self, pool: &Pool, instance: &Instance) {
         self.metrics
             .counter(
-                names::ROUTING_DECISIONS_TOTAL,
+                &catalog::ROUTER_ROUTING_DECISIONS_TOTAL,
                 &[
                     ("role", pool.role.as_str()),
                     ("instance", &instance.id),
@@ -271,7 +275,7 @@ impl Orchestrator {
     fn abort(&self, instance: &Arc<Instance>, request_id: &str, reason: &'static str) {
         self.metrics
             .counter(
-                names::ABORTS_TOTAL,
+                &catalog::ROUTER_ABORTS_TOTAL,
                 &[("role", instance.role.as_str()), ("reason", reason)],
             )
             .increment(1);
@@ -367,7 +371,7 @@ impl Orchestrator {
                     }
                     self.metrics
                         .counter(
-                            names::RETRIES_TOTAL,
+                            &catalog::ROUTER_RETRIES_TOTAL,
                             &[("role", "decode"), ("reason", e.reason())],
                         )
                         .increment(1);
@@ -391,7 +395,7 @@ impl Orchestrator {
         let dispatch = Instant::now();
         let router_s = secs(dispatch - spec.arrival);
         self.metrics
-            .observe(names::ROUTER_OVERHEAD_SECONDS, router_s);
+            .observe(&catalog::ROUTER_OVERHEAD_SECONDS, router_s);
         let Some((decode, kv_addr, mut events, _decode_inflight)) =
             self.open_decode(spec, tx, &features, &mut rng).await?
         else {
@@ -479,7 +483,7 @@ impl Orchestrator {
                 ev = events.next(), if decode_open => self.on_decode_event(run, ev).await?,
                 r = poll_attempt(&mut run.attempt) => self.on_prefill_result(run, r, kv_addr)?,
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    self.metrics.counter(names::STAGE_TIMEOUTS_TOTAL, &[("stage", stage)]).increment(1);
+                    self.metrics.counter(&catalog::ROUTER_STAGE_TIMEOUTS_TOTAL, &[("stage", stage)]).increment(1);
                     let message = match stage {
                         "first_token" => "timed out waiting for the first token",
                         "inter_token" => "timed out waiting for the next token",
@@ -536,7 +540,7 @@ impl Orchestrator {
                     run.committed_at = Some(now);
                     let ttft = secs(now - run.spec.arrival);
                     self.metrics
-                        .observe(names::TIME_TO_FIRST_TOKEN_SECONDS, ttft);
+                        .observe(&catalog::ROUTER_TIME_TO_FIRST_TOKEN_SECONDS, ttft);
                     let placement = Placement {
                         prefill_instance: run
                             .prefill_done
@@ -552,7 +556,7 @@ impl Orchestrator {
                     let per_token = secs(now - run.last_event) / ids.len() as f64;
                     let h = self
                         .metrics
-                        .histogram(names::INTER_TOKEN_LATENCY_SECONDS, &[]);
+                        .histogram(&catalog::ROUTER_INTER_TOKEN_LATENCY_SECONDS, &[]);
                     for _ in 0..ids.len() {
                         h.record(per_token);
                     }
@@ -606,7 +610,10 @@ impl Orchestrator {
                 };
                 if kind == DecodeErrorKind::KvTimeout {
                     self.metrics
-                        .counter(names::STAGE_TIMEOUTS_TOTAL, &[("stage", "kv_transfer")])
+                        .counter(
+                            &catalog::ROUTER_STAGE_TIMEOUTS_TOTAL,
+                            &[("stage", "kv_transfer")],
+                        )
                         .increment(1);
                 }
                 Err(Interrupt::Failed(
@@ -633,11 +640,11 @@ impl Orchestrator {
                 attempt.instance.leg_succeeded();
                 let t = &response.timings;
                 self.metrics
-                    .observe(names::REQUEST_QUEUE_TIME_SECONDS, t.queue_s);
+                    .observe(&catalog::ROUTER_REQUEST_QUEUE_TIME_SECONDS, t.queue_s);
                 self.metrics
-                    .observe(names::REQUEST_PREFILL_TIME_SECONDS, t.prefill_s);
+                    .observe(&catalog::ROUTER_REQUEST_PREFILL_TIME_SECONDS, t.prefill_s);
                 self.metrics
-                    .observe(names::KV_TRANSFER_TIME_SECONDS, t.transfer_s);
+                    .observe(&catalog::ROUTER_KV_TRANSFER_TIME_SECONDS, t.transfer_s);
                 run.prefill_done = Some((attempt.instance.id.clone(), response));
                 Ok(())
             }
@@ -665,7 +672,7 @@ impl Orchestrator {
                 };
                 self.metrics
                     .counter(
-                        names::RETRIES_TOTAL,
+                        &catalog::ROUTER_RETRIES_TOTAL,
                         &[("role", "prefill"), ("reason", e.reason())],
                     )
                     .increment(1);
@@ -700,10 +707,11 @@ impl Orchestrator {
         let timings = self.timings(run, Some(end));
         if let Some(e2e) = timings.e2e_s {
             self.metrics
-                .observe(names::E2E_REQUEST_LATENCY_SECONDS, e2e);
+                .observe(&catalog::ROUTER_E2E_REQUEST_LATENCY_SECONDS, e2e);
         }
         if let Some(d) = timings.decode_s {
-            self.metrics.observe(names::REQUEST_DECODE_TIME_SECONDS, d);
+            self.metrics
+                .observe(&catalog::ROUTER_REQUEST_DECODE_TIME_SECONDS, d);
         }
         GenerationOutcome {
             report: GenerationReport {

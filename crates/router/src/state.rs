@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::client::InstanceClient;
 use crate::config::{ConfigError, RouterConfig};
 use crate::instances::Pool;
-use crate::metrics::{RouterMetrics, names};
+use crate::metrics::{RouterMetrics, catalog};
 use crate::orchestrate::Orchestrator;
 use crate::text::{TextError, TextProcessor};
 
@@ -99,7 +99,15 @@ impl AppState {
             metrics: metrics.clone(),
             policy_seed: config.policy_seed,
         });
-        let running = metrics.gauge(names::NUM_REQUESTS_RUNNING, &[]);
+        let running = metrics.gauge(&catalog::ROUTER_NUM_REQUESTS_RUNNING, &[]);
+        for pool in [&orchestrator.prefill, &orchestrator.decode] {
+            metrics
+                .gauge(
+                    &catalog::ROUTER_POLICY_INFO,
+                    &[("role", pool.role.as_str()), ("policy", pool.policy_name())],
+                )
+                .set(1.0);
+        }
         Ok(Arc::new(AppState {
             limits: config.limits.validation(),
             admission: Arc::new(Semaphore::new(

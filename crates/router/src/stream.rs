@@ -172,6 +172,9 @@ async fn run(
                     .assembler
                     .finish_reason()
                     .ok_or_else(|| ApiError::internal("choice finished without a reason"))?;
+                state
+                    .metrics
+                    .generation_finished(crate::metrics::finish_label(reason));
                 finished.push(FinishedChoice {
                     prompt_index: slot.prompt_index,
                     completion_tokens: slot.assembler.completion_tokens(),

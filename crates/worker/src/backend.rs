@@ -55,11 +55,46 @@ pub trait KvAccess {
     fn export_kv(&mut self, table: &[BlockId], tokens: usize) -> Result<KvRows, KvError>;
 }
 
-/// Prices moving KV between instances in simulated time (the fabric's KV-transfer model).
+/// The worker's side of the clock: prices moving KV between instances in simulated time (the
+/// fabric's KV-transfer model) and reports what the fabric saw in the last priced step.
 pub trait KvTransferClock {
     /// Simulated duration of pushing the latent KV of `tokens` prompt tokens from this instance
     /// to a decode instance, ns (at the modeled shape, not the bytes actually sent).
     fn kv_transfer_ns(&mut self, tokens: usize) -> u64;
+
+    /// The fabric's view of the step the engine's `StepClock` priced last, taken (so a step is
+    /// reported once); `None` when the clock models no fabric (the linear stand-in) or the step
+    /// could not be priced. Called on the compute thread right after each step is priced.
+    fn take_step_report(&mut self) -> Option<FabricStepReport> {
+        None
+    }
+}
+
+/// One priced step as the simulated fabric saw it, in plain numbers (simulated time, before
+/// `time_scale`); the services record it as the `pdserve_fabric_*` and `pdserve_ep_*` metrics
+/// (docs/metrics.md defines each).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FabricStepReport {
+    /// Bytes the dispatch/combine collectives moved over NVLink (scale-up), over the EP group.
+    pub nvlink_bytes: f64,
+    /// Bytes they moved over the NICs (InfiniBand, scale-out).
+    pub ib_bytes: f64,
+    /// NVLink busy time: `nvlink_bytes` over the group's aggregate effective NVLink bandwidth, s.
+    pub nvlink_busy_s: f64,
+    /// NIC busy time: `ib_bytes` over the group's aggregate effective NIC bandwidth, s.
+    pub ib_busy_s: f64,
+    /// Mean span (first issue to last arrival) of the step's dispatches, s; `None` without any.
+    pub dispatch_s: Option<f64>,
+    /// Mean span of the step's combines, s; `None` without any.
+    pub combine_s: Option<f64>,
+    /// Two-batch-overlap steps only: the fraction of communication hidden under compute,
+    /// `(compute + comm − duration) / comm` clamped to `0..=1`.
+    pub tbo_overlap_ratio: Option<f64>,
+    /// Token-to-expert assignments per routed expert of the real model (index = expert id),
+    /// summed over its MoE layers; empty when the routing is synthetic.
+    pub expert_tokens: Vec<u64>,
+    /// Mean over the real MoE layers of (mean GPU load / max GPU load); `None` without routing.
+    pub balancedness: Option<f64>,
 }
 
 /// What an instance simulates, reported in its stats (`time_scale` comes from the config).
@@ -233,7 +268,13 @@ pub struct LinearFabricClock {
 }
 
 impl<R> StepClock<SeqParams, R> for LinearFabricClock {
-    fn step_duration_ns(&mut self, plan: &StepPlan<SeqParams>, routing: &R) -> u64 {
+    type Error = std::convert::Infallible;
+
+    fn step_duration_ns(
+        &mut self,
+        plan: &StepPlan<SeqParams>,
+        routing: &R,
+    ) -> Result<u64, Self::Error> {
         <LinearStepClock as StepClock<SeqParams, R>>::step_duration_ns(
             &mut self.step,
             plan,

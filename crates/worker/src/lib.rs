@@ -12,7 +12,8 @@
 //! - Seams: [`EngineParts`] = an executor (engine `Executor` over [`SeqParams`] + [`KvAccess`]:
 //!   stage arrived KV, export computed KV) and a clock (engine `StepClock` +
 //!   [`KvTransferClock`]); stand-ins [`ScriptedBackend`], [`LinearFabricClock`].
-//! - [`metrics::names`]: every metric name; docs/services.md describes the services.
+//! - [`metrics::ServiceMetrics`]: each service's registry, names from the catalog
+//!   [`pdserve_protocol::metrics`] (docs/metrics.md); docs/services.md describes the services.
 //!
 //! ```
 //! use pdserve_engine::{LatentShape, LinearStepClock, ScriptedExecutor};
@@ -60,7 +61,8 @@ mod service;
 mod transfer;
 
 pub use backend::{
-    EngineParts, KvAccess, KvTransferClock, LinearFabricClock, ScriptedBackend, SeqParams, SimLabel,
+    EngineParts, FabricStepReport, KvAccess, KvTransferClock, LinearFabricClock, ScriptedBackend,
+    SeqParams, SimLabel,
 };
 pub use config::{ConfigError, DecodeConfig, EngineConfig, PrefillConfig};
 pub use decode::{DecodeListeners, DecodeService, DecodeState, decode_app, serve_decode};

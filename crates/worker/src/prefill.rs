@@ -39,7 +39,7 @@ use crate::engine::{
     spawn_engine,
 };
 use crate::kv::{KvAck, OutgoingKv, encode_kv_frame};
-use crate::metrics::{ServiceMetrics, names};
+use crate::metrics::{ServiceMetrics, catalog};
 use crate::service::{
     ExtraLoad, ServeError, failure_to_api, health, instance_stats, metrics_response, scaled,
     validate_common,
@@ -54,6 +54,9 @@ struct TransferMetrics {
     lag_seconds: Histogram,
     bytes: Counter,
     failures: [(&'static str, Counter); 6],
+    /// Per request, first scheduled step to its prompt computed (not a transfer metric, kept
+    /// with them as the other per-request prefill timing).
+    request_prefill_seconds: Histogram,
 }
 
 impl TransferMetrics {
@@ -62,17 +65,18 @@ impl TransferMetrics {
             (
                 reason,
                 m.counter(
-                    names::PREFILL_KV_TRANSFER_FAILURES_TOTAL,
+                    &catalog::PREFILL_KV_TRANSFER_FAILURES_TOTAL,
                     &[("reason", reason)],
                 ),
             )
         };
         Self {
-            seconds: m.histogram(names::PREFILL_KV_TRANSFER_SECONDS),
-            simulated_seconds: m.histogram(names::PREFILL_KV_TRANSFER_SIMULATED_SECONDS),
-            lag_seconds: m.histogram(names::PREFILL_KV_TRANSFER_LAG_SECONDS),
-            bytes: m.counter(names::PREFILL_KV_TRANSFER_BYTES_TOTAL, &[]),
+            seconds: m.histogram(&catalog::PREFILL_KV_TRANSFER_SECONDS),
+            simulated_seconds: m.histogram(&catalog::PREFILL_KV_TRANSFER_SIMULATED_SECONDS),
+            lag_seconds: m.histogram(&catalog::PREFILL_KV_TRANSFER_LAG_SECONDS),
+            bytes: m.counter(&catalog::PREFILL_KV_TRANSFER_BYTES_TOTAL, &[]),
             failures: ["connect", "timeout", "io", "rejected", "aborted", "export"].map(failure),
+            request_prefill_seconds: m.histogram(&catalog::PREFILL_REQUEST_PREFILL_TIME_SECONDS),
         }
     }
 
@@ -107,9 +111,13 @@ impl PrefillService {
         C: StepClock<SeqParams, E::Routing> + KvTransferClock + Send + 'static,
     {
         config.validate()?;
-        let metrics =
-            ServiceMetrics::new(Role::Prefill).map_err(|e| ServeError::Metrics(e.to_string()))?;
-        let engine = spawn_engine(&config.engine, parts, metrics.engine())?;
+        let metrics = ServiceMetrics::new(Role::Prefill, &config.instance_id)
+            .map_err(|e| ServeError::Metrics(e.to_string()))?;
+        let engine = spawn_engine(
+            &config.engine,
+            parts,
+            metrics.engine(config.engine.scheduler.spec_tokens),
+        )?;
         let transfer = TransferMetrics::new(&metrics);
         Ok(Self {
             state: Arc::new(PrefillState {
@@ -129,6 +137,28 @@ impl PrefillService {
     /// The engine.
     pub fn engine(&self) -> &EngineHandle {
         &self.state.engine
+    }
+
+    /// Serves the HTTP API on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        tracing::info!(instance = %self.state.config.instance_id, "prefill instance serving");
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServeError::Io {
+                context: "serving the prefill HTTP API",
+                source,
+            })
+    }
+
+    /// Renders this instance's `/metrics` text; cheap to call from another service (`pdserve up`
+    /// serves every in-process instance's metrics on the router's endpoint).
+    pub fn metrics_renderer(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        self.state.metrics.renderer()
     }
 }
 
@@ -158,15 +188,9 @@ where
     E: Executor<SeqParams> + KvAccess + Send + 'static,
     C: StepClock<SeqParams, E::Routing> + KvTransferClock + Send + 'static,
 {
-    let service = PrefillService::start(config, parts)?;
-    tracing::info!(instance = %service.state.config.instance_id, "prefill instance serving");
-    axum::serve(listener, service.router())
-        .with_graceful_shutdown(shutdown)
+    PrefillService::start(config, parts)?
+        .serve(listener, shutdown)
         .await
-        .map_err(|source| ServeError::Io {
-            context: "serving the prefill HTTP API",
-            source,
-        })
 }
 
 async fn prefill(
@@ -212,6 +236,9 @@ impl PrefillState {
             .await
             .map_err(|e| e.to_api_error())?;
         let (first_token, report) = first_token(&mut stream, want_logprobs).await?;
+        self.transfer
+            .request_prefill_seconds
+            .record(report.compute_s);
         let id = request.request_id;
         let exported = self.engine.export_kv(&id).await.map_err(|e| {
             self.transfer.failed("export");

@@ -121,7 +121,9 @@ async fn prefill_then_decode_streams_the_frame_token_then_the_model_tokens() {
     eventually_stats(&decode.base, "decode frees its blocks", all_blocks_free).await;
     let text = metrics_text(&decode.base).await;
     assert!(
-        text.contains("pdserve_decode_kv_frames_total{outcome=\"accepted\"} 1"),
+        text.contains(
+            "pdserve_decode_kv_frames_total{instance=\"decode-test\",outcome=\"accepted\"} 1"
+        ),
         "{text}"
     );
     assert!(
@@ -130,7 +132,7 @@ async fn prefill_then_decode_streams_the_frame_token_then_the_model_tokens() {
     );
     let text = metrics_text(&prefill.base).await;
     assert!(
-        text.contains("pdserve_prefill_kv_transfer_seconds_count 1"),
+        text.contains("pdserve_prefill_kv_transfer_seconds_count{instance=\"prefill-test\"} 1"),
         "{text}"
     );
 }
@@ -267,11 +269,15 @@ async fn corrupt_and_truncated_frames_fail_their_requests_and_hold_no_blocks() {
     assert_eq!((s.running, s.waiting), (0, 0));
     let text = metrics_text(&decode.base).await;
     assert!(
-        text.contains("pdserve_decode_kv_frames_total{outcome=\"invalid\"} 1"),
+        text.contains(
+            "pdserve_decode_kv_frames_total{instance=\"decode-test\",outcome=\"invalid\"} 1"
+        ),
         "{text}"
     );
     assert!(
-        text.contains("pdserve_decode_kv_frames_total{outcome=\"failed\"} 1"),
+        text.contains(
+            "pdserve_decode_kv_frames_total{instance=\"decode-test\",outcome=\"failed\"} 1"
+        ),
         "{text}"
     );
 }
@@ -349,7 +355,7 @@ async fn a_client_that_disconnects_cancels_its_decode_and_frees_its_blocks() {
     ));
     gate.entered(1).await;
     drop(events);
-    let aborted = "pdserve_decode_requests_finished_total{reason=\"abort\"} 1";
+    let aborted = "pdserve_decode_requests_finished_total{instance=\"decode-test\",finished_reason=\"abort\"} 1";
     let mut released = 0;
     while !metrics_text(&decode.base).await.contains(aborted) {
         assert!(released < 400, "the disconnect was never noticed");
@@ -539,7 +545,7 @@ async fn a_failed_transfer_frees_the_prefill_blocks_and_says_why() {
     eventually_stats(&prefill.base, "prefill frees its blocks", all_blocks_free).await;
     let text = metrics_text(&prefill.base).await;
     assert!(
-        text.contains("pdserve_prefill_kv_transfer_failures_total{reason=\"connect\"} 1"),
+        text.contains("pdserve_prefill_kv_transfer_failures_total{instance=\"prefill-test\",reason=\"connect\"} 1"),
         "{text}"
     );
     let (status, body) = post_json(

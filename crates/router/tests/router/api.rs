@@ -418,6 +418,25 @@ async fn metrics_count_requests_tokens_and_decisions() {
         c.reply_tokens().len()
     );
     assert!(text.contains(&generated), "{text}");
+    for needle in [
+        r#"pdserve_router_requests_finished_total{finished_reason="stop"} 1"#,
+        r#"pdserve_router_policy_info{role="prefill",policy="round_robin"} 1"#,
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in\n{text}");
+    }
+    // Every router metric of the catalog is rendered after one request, except the counters of
+    // failures (retries, aborts, stage timeouts, failed generations: tests/router/failures.rs).
+    use pdserve_protocol::metrics as catalog;
+    let failure_only = [
+        catalog::ROUTER_RETRIES_TOTAL.name,
+        catalog::ROUTER_ABORTS_TOTAL.name,
+        catalog::ROUTER_STAGE_TIMEOUTS_TOTAL.name,
+        catalog::ROUTER_GENERATION_FAILURES_TOTAL.name,
+    ];
+    for def in catalog::of_component("router").filter(|d| !failure_only.contains(&d.name)) {
+        let header = format!("# TYPE {} {}", def.name, def.kind.as_str());
+        assert!(text.contains(&header), "missing `{header}` in\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -39,7 +39,7 @@ use self::rendezvous::{
 use crate::backend::{EngineParts, KvAccess, KvTransferClock, SeqParams};
 use crate::config::DecodeConfig;
 use crate::engine::{EngineEvent, EngineHandle, FailureKind, spawn_engine};
-use crate::metrics::{ServiceMetrics, names};
+use crate::metrics::{ServiceMetrics, catalog};
 use crate::service::{ExtraLoad, ServeError, health, instance_stats, metrics_response};
 
 /// The decode service's pre-bound listeners.
@@ -82,9 +82,13 @@ impl DecodeService {
         C: StepClock<SeqParams, E::Routing> + KvTransferClock + Send + 'static,
     {
         config.validate()?;
-        let metrics =
-            ServiceMetrics::new(Role::Decode).map_err(|e| ServeError::Metrics(e.to_string()))?;
-        let engine = spawn_engine(&config.engine, parts, metrics.engine())?;
+        let metrics = ServiceMetrics::new(Role::Decode, &config.instance_id)
+            .map_err(|e| ServeError::Metrics(e.to_string()))?;
+        let engine = spawn_engine(
+            &config.engine,
+            parts,
+            metrics.engine(config.engine.scheduler.spec_tokens),
+        )?;
         let rendezvous = RendezvousHandle::spawn(
             engine.clone(),
             RendezvousLimits {
@@ -93,11 +97,11 @@ impl DecodeService {
                 orphan_timeout: Duration::from_millis(config.kv_orphan_timeout_ms),
             },
             RendezvousMetrics {
-                kv_wait: metrics.histogram(names::DECODE_KV_WAIT_SECONDS),
-                timeouts: metrics.counter(names::DECODE_KV_TIMEOUTS_TOTAL, &[]),
-                orphans_expired: metrics.counter(names::DECODE_KV_ORPHANS_EXPIRED_TOTAL, &[]),
-                waiting: metrics.gauge(names::DECODE_KV_WAITING_REQUESTS),
-                staged: metrics.gauge(names::DECODE_KV_STAGED_FRAMES),
+                kv_wait: metrics.histogram(&catalog::DECODE_KV_WAIT_SECONDS),
+                timeouts: metrics.counter(&catalog::DECODE_KV_TIMEOUTS_TOTAL, &[]),
+                orphans_expired: metrics.counter(&catalog::DECODE_KV_ORPHANS_EXPIRED_TOTAL, &[]),
+                waiting: metrics.gauge(&catalog::DECODE_KV_WAITING_REQUESTS),
+                staged: metrics.gauge(&catalog::DECODE_KV_STAGED_FRAMES),
             },
         );
         let bound = kv_listener.local_addr().map_err(|source| ServeError::Io {
@@ -109,7 +113,7 @@ impl DecodeService {
             .clone()
             .unwrap_or_else(|| bound.to_string());
         let frames =
-            |outcome| metrics.counter(names::DECODE_KV_FRAMES_TOTAL, &[("outcome", outcome)]);
+            |outcome| metrics.counter(&catalog::DECODE_KV_FRAMES_TOTAL, &[("outcome", outcome)]);
         let ctx = Arc::new(ReceiverContext {
             rendezvous: rendezvous.clone(),
             shape: engine.info().shape,
@@ -121,7 +125,7 @@ impl DecodeService {
                 unwanted: frames("unwanted"),
                 overloaded: frames("overloaded"),
                 failed: frames("failed"),
-                bytes: metrics.counter(names::DECODE_KV_RECEIVED_BYTES_TOTAL, &[]),
+                bytes: metrics.counter(&catalog::DECODE_KV_RECEIVED_BYTES_TOTAL, &[]),
             },
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -149,6 +153,34 @@ impl DecodeService {
     /// The engine.
     pub fn engine(&self) -> &EngineHandle {
         &self.state.engine
+    }
+
+    /// Serves the HTTP API on `listener` until `shutdown` resolves, then stops the KV receiver.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        tracing::info!(
+            instance = %self.state.config.instance_id,
+            kv_addr = %self.kv_addr(),
+            "decode instance serving"
+        );
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServeError::Io {
+                context: "serving the decode HTTP API",
+                source,
+            })?;
+        drop(self);
+        Ok(())
+    }
+
+    /// Renders this instance's `/metrics` text; cheap to call from another service (`pdserve up`
+    /// serves every in-process instance's metrics on the router's endpoint).
+    pub fn metrics_renderer(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        self.state.metrics.renderer()
     }
 }
 
@@ -185,21 +217,9 @@ where
     E: Executor<SeqParams> + KvAccess + Send + 'static,
     C: StepClock<SeqParams, E::Routing> + KvTransferClock + Send + 'static,
 {
-    let service = DecodeService::start(config, parts, listeners.kv)?;
-    tracing::info!(
-        instance = %service.state.config.instance_id,
-        kv_addr = %service.kv_addr(),
-        "decode instance serving"
-    );
-    axum::serve(listeners.http, service.router())
-        .with_graceful_shutdown(shutdown)
+    DecodeService::start(config, parts, listeners.kv)?
+        .serve(listeners.http, shutdown)
         .await
-        .map_err(|source| ServeError::Io {
-            context: "serving the decode HTTP API",
-            source,
-        })?;
-    drop(service);
-    Ok(())
 }
 
 async fn decode(

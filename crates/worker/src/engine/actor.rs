@@ -16,7 +16,7 @@ use pdserve_engine::{
     EngineState, FinishReason as EngineFinish, Pacer, Phase as SeqPhase, Request, RequestId,
     Scheduler, SeqUpdate, StopConditions, TokenId,
 };
-use pdserve_protocol::internal::{SampledToken, TokenLogprob};
+use pdserve_protocol::internal::{SampledToken, TokenLogprob, TopToken};
 use pdserve_protocol::openai::FinishReason;
 use tokio::sync::{mpsc, oneshot};
 
@@ -495,6 +495,8 @@ impl Actor {
         );
         self.metrics
             .record_step(done.simulated_ns, done.wall_ns, pace.lag_ns);
+        self.metrics
+            .record_step_detail(done.detail.batch_tokens, done.detail.fabric.as_ref());
         if pace.wait_ns == 0 {
             self.deliver(updates);
             return Phase::Idle;
@@ -536,9 +538,18 @@ impl Actor {
                     update
                         .logprobs
                         .iter()
-                        .map(|&logprob| TokenLogprob {
+                        .enumerate()
+                        .map(|(i, &logprob)| TokenLogprob {
                             logprob,
-                            top_logprobs: Vec::new(),
+                            top_logprobs: update
+                                .top_logprobs
+                                .get(i)
+                                .map(|top| {
+                                    top.iter()
+                                        .map(|&(id, logprob)| TopToken { id, logprob })
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
                         })
                         .collect()
                 }),

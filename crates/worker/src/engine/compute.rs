@@ -13,7 +13,7 @@ use pdserve_engine::{BlockId, Executor, RequestId, SeqOutput, StepClock, StepPla
 use tokio::sync::oneshot;
 
 use super::{ExportError, ExportedKv};
-use crate::backend::{EngineParts, KvAccess, KvTransferClock, SeqParams};
+use crate::backend::{EngineParts, FabricStepReport, KvAccess, KvTransferClock, SeqParams};
 use crate::kv::KvRows;
 
 /// What one step produced.
@@ -22,6 +22,17 @@ pub(crate) struct StepDone {
     pub(crate) outputs: Result<Vec<SeqOutput>, String>,
     pub(crate) simulated_ns: u64,
     pub(crate) wall_ns: u64,
+    /// Batch size and the fabric's view of the step, for metrics.
+    pub(crate) detail: StepDetail,
+}
+
+/// What the metrics record of a step besides its durations.
+#[derive(Debug, Default)]
+pub(crate) struct StepDetail {
+    /// Tokens in the plan (prompt chunks plus decode slots).
+    pub(crate) batch_tokens: usize,
+    /// The clock's fabric report of the step, when it models a fabric and priced the step.
+    pub(crate) fabric: Option<FabricStepReport>,
 }
 
 #[derive(Debug)]
@@ -63,7 +74,12 @@ where
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Step { plan, reply } => {
-                let _ = reply.send(step(&mut parts, &plan));
+                let mut done = step(&mut parts, &plan);
+                done.detail = StepDetail {
+                    batch_tokens: plan.num_batched_tokens,
+                    fabric: parts.clock.take_step_report(),
+                };
+                let _ = reply.send(done);
             }
             Job::Stage { id, rows } => {
                 // A refusal leaves the request without KV; the executor then gives it no output
@@ -108,13 +124,28 @@ where
                 outputs: Err(format!("executor: {e}")),
                 simulated_ns: 0,
                 wall_ns: 0,
+                detail: StepDetail::default(),
             };
         }
     };
-    let simulated_ns = parts.clock.step_duration_ns(plan, &out.routing);
-    StepDone {
-        outputs: Ok(out.seqs),
-        simulated_ns,
-        wall_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+    let wall_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    match parts.clock.step_duration_ns(plan, &out.routing) {
+        Ok(simulated_ns) => StepDone {
+            outputs: Ok(out.seqs),
+            simulated_ns,
+            wall_ns,
+            detail: StepDetail::default(),
+        },
+        // The step's requests fail (the actor finishes them with `error`); nothing is released
+        // at a made-up simulated time.
+        Err(e) => {
+            tracing::error!(step = plan.step_id, error = %e, "the step clock could not price a step; failing its requests");
+            StepDone {
+                outputs: Err(format!("clock: {e}")),
+                simulated_ns: 0,
+                wall_ns,
+                detail: StepDetail::default(),
+            }
+        }
     }
 }
