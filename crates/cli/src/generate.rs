@@ -91,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: Some(args.seed),
-        logprobs: None,
+        ..SamplingParams::default()
     };
     let mut sampler = Sampler::new(params, args.seed)?;
     let c = model.config();

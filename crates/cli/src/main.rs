@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_decode;
+mod eval;
 mod generate;
 mod model_cmd;
 mod serve;
@@ -38,6 +39,8 @@ enum Command {
     Generate(generate::Args),
     /// Benchmarks of pdserve's own components.
     Bench(bench::Args),
+    /// Held-out perplexity and MTP acceptance of a checkpoint, measured by pdserve.
+    Eval(eval::Args),
     /// The simulated fabric: the paper's analysis, KV sizes, single-step simulation.
     Sim(sim::Args),
 }
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Model(args) => model_cmd::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Sim(args) => sim::run(args),
     }
 }

@@ -4,13 +4,19 @@
 //! and KV ports are bound on `127.0.0.1:0` and handed to the router. The first line on stdout is
 //! `pdserve up: listening on http://ADDR` (with the bound port, so `--port 0` can be discovered).
 //! Ctrl-C (or SIGTERM) stops the router first (in-flight requests finish), then the instances.
+//!
+//! `GET /metrics` on the router is the one scrape target: the router's metrics followed by the
+//! prefill and decode instances' (merged per family; every instance series carries
+//! `instance="prefill-0"` or `instance="decode-0"`, see docs/metrics.md).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use pdserve_fabric::{Mode, Phase};
-use pdserve_router::InstanceConfig;
-use pdserve_worker::{DecodeConfig, DecodeListeners, PrefillConfig};
+use pdserve_router::metrics::MetricsSource;
+use pdserve_router::{AppState, InstanceConfig};
+use pdserve_worker::{DecodeConfig, DecodeListeners, DecodeService, PrefillConfig, PrefillService};
 use tokio::sync::watch;
 
 use crate::model_cmd::configure_threads;
@@ -49,6 +55,10 @@ pub struct Args {
     /// Matmul threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// MTP speculative decoding (`true`: one draft token per decode step) on both instances;
+    /// absent: each section's `engine.scheduler.spec_tokens`.
+    #[arg(long)]
+    mtp: Option<bool>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -86,16 +96,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for engine in [&mut prefill.engine, &mut decode.engine] {
         file.apply_time_scale(engine);
         services::tiny_engine_defaults(engine);
+        if let Some(mtp) = args.mtp {
+            engine.scheduler.spec_tokens = usize::from(mtp);
+        }
     }
     prefill.validate().map_err(|e| anyhow!("[prefill]: {e}"))?;
     decode.validate().map_err(|e| anyhow!("[decode]: {e}"))?;
 
     let threads = configure_threads(args.threads.or(file.model.threads))?;
     let dir = services::resolve_model(args.model.or_else(|| file.model.dir.clone()).as_deref())?;
+    // One copy of the weights, shared by both instances.
+    let model = services::LoadedModel::load(&dir)?;
     let prefill_parts =
-        services::build_parts(&dir, &file.sim, &prefill.engine.scheduler, Phase::Prefill)?;
+        services::build_parts_from(&model, &file.sim, &prefill.engine.scheduler, Phase::Prefill)?;
     let decode_parts =
-        services::build_parts(&dir, &file.sim, &decode.engine.scheduler, Phase::Decode)?;
+        services::build_parts_from(&model, &file.sim, &decode.engine.scheduler, Phase::Decode)?;
+    drop(model);
     let mut router = file.router.clone();
     router.listen = format!("{}:{}", args.host, args.port);
     if router.tokenizer == pdserve_router::RouterConfig::default().tokenizer {
@@ -167,25 +183,30 @@ async fn serve_all(plan: UpPlan) -> anyhow::Result<()> {
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let prefill_task = tokio::spawn(pdserve_worker::serve_prefill(
-        prefill.clone(),
-        prefill_parts,
-        prefill_listener,
-        wait(instances_rx.clone()),
-    ));
-    let decode_task = tokio::spawn(pdserve_worker::serve_decode(
-        decode.clone(),
-        decode_parts,
-        decode_listeners,
-        wait(instances_rx),
-    ));
+    let prefill_service = PrefillService::start(prefill.clone(), prefill_parts)
+        .map_err(|e| anyhow!("prefill: {e}"))?;
+    let decode_service = DecodeService::start(decode.clone(), decode_parts, decode_listeners.kv)
+        .map_err(|e| anyhow!("decode: {e}"))?;
+    // One scrape target: the router's /metrics renders its own metrics, then the instances'
+    // (each series labelled `instance="<id>"`; docs/metrics.md).
+    let state = AppState::new(router).map_err(|e| anyhow!("router: {e}"))?;
+    let instance_metrics: [MetricsSource; 2] = [
+        Arc::new(prefill_service.metrics_renderer()),
+        Arc::new(decode_service.metrics_renderer()),
+    ];
+    for source in instance_metrics {
+        state.metrics.add_source(source);
+    }
+    let prefill_task =
+        tokio::spawn(prefill_service.serve(prefill_listener, wait(instances_rx.clone())));
+    let decode_task = tokio::spawn(decode_service.serve(decode_listeners.http, wait(instances_rx)));
 
     let sim = &file.sim;
     println!("pdserve up: listening on http://{public_addr}");
     println!(
         "  model        {} (served as `{}`; {threads} matmul threads)",
         dir.display(),
-        router.model
+        state.config.model
     );
     println!(
         "  simulating   {} hardware, modeled shape `{}`, {} mode, time_scale {}{}",
@@ -211,7 +232,7 @@ async fn serve_all(plan: UpPlan) -> anyhow::Result<()> {
         decode.instance_id, sim.decode_ep_size
     );
     println!("  try          curl http://{public_addr}/v1/models");
-    let served = pdserve_router::serve(router, public, services::shutdown_signal()).await;
+    let served = pdserve_router::serve_state(state, public, services::shutdown_signal()).await;
     let _ = stop_instances.send(true);
     let prefill_done = prefill_task.await;
     let decode_done = decode_task.await;

@@ -3,24 +3,11 @@
 
 mod common;
 
-use common::{Proc, generate, sse_events};
+use common::{Proc, generate, post, sse_events};
 use serde_json::{Value, json};
 
 const PROMPT: &str = "In the beginning God created";
 const MAX_TOKENS: u64 = 12;
-
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
-    let r = client
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("request sent");
-    let status = r.status().as_u16();
-    let text = r.text().await.expect("body read");
-    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON body ({e}): {text}"));
-    (status, v)
-}
 
 fn assert_envelope(v: &Value, what: &str) {
     let e = &v["error"];

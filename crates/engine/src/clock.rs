@@ -18,9 +18,14 @@
 //!   boundary nearest half (each GPU splits its own requests, as DeepSeek's DP attention does);
 //!   requests are ordered by the plan's micro-batch, so the split follows the plan's assignment
 //!   wherever that assignment is balanced per rank.
-//! - **Placement.** Contiguous (plus `redundant_experts` copies), or, when the executor's expert
-//!   backend decides it (the EP runtime, after EPLB), the placement the step really ran with
-//!   ([`StepRouting::placements`]), one per MoE layer.
+//! - **Placement and replicas.** Contiguous (plus `redundant_experts` copies), or, when the
+//!   executor's expert backend decides it (the EP runtime, after EPLB), the placement the step
+//!   really ran with ([`StepRouting::placements`]), one per MoE layer. With the EP runtime every
+//!   (token, expert) copy is also priced on the GPU the runtime served it on
+//!   ([`StepRouting::served_gpus`], handed to the fabric with `LayerRouting::with_gpus`), so the
+//!   priced dispatch and combine are the traffic that moved; with local experts the fabric
+//!   chooses among replicas by its own rule. (MTP rows laid over main rows keep the GPUs of the
+//!   MTP row they copy; a request without MTP rows is served by the fabric's rule.)
 //! - **Schedule.** Two-batch overlap on (the plan has micro-batches): DeepSeek's 5-stage decode
 //!   pipeline ([`Schedule::TwoBatchOverlap`]); off: [`Schedule::SingleBatch`].
 //!
@@ -132,7 +137,6 @@ pub struct FabricStepClock {
     record_next: bool,
     last: Option<StepTiming>,
     last_trace: Option<Trace>,
-    last_error: Option<ClockError>,
     errors_total: u64,
 }
 
@@ -180,7 +184,6 @@ impl FabricStepClock {
             record_next: false,
             last: None,
             last_trace: None,
-            last_error: None,
             errors_total: 0,
         })
     }
@@ -238,13 +241,7 @@ impl FabricStepClock {
         self.last.as_ref()
     }
 
-    /// The last error of the [`StepClock`] interface (which returns 0 ns for a step it cannot price),
-    /// taken.
-    pub fn take_error(&mut self) -> Option<ClockError> {
-        self.last_error.take()
-    }
-
-    /// Steps the [`StepClock`] interface could not price.
+    /// Steps the [`StepClock`] interface could not price (each returned its error).
     pub fn errors_total(&self) -> u64 {
         self.errors_total
     }
@@ -323,14 +320,26 @@ impl FabricStepClock {
                             .into(),
                     ));
                 }
+                let served =
+                    |i: usize, rows: usize, top_k: usize| served_gpus(routing, i, rows * top_k);
                 let layers = routing
                     .layers
                     .iter()
-                    .map(|l| layout.layer(&l.routing, &tokens_per_rank))
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let served = served(i, routing.num_rows, l.routing.top_k)?;
+                        layout.layer(&l.routing, served, &tokens_per_rank)
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 let mtp_routing = match (&routing.mtp, routing.layers.last()) {
                     (Some(m), Some(last)) if mtp => {
-                        Some(layout.mtp_layer(&m.routing, &last.routing, &tokens_per_rank)?)
+                        let n = routing.layers.len();
+                        let served = served(n, routing.num_mtp_rows, m.routing.top_k)?;
+                        Some(layout.mtp_layer(
+                            (&m.routing, served),
+                            &last.routing,
+                            &tokens_per_rank,
+                        )?)
                     }
                     _ => None,
                 };
@@ -370,17 +379,18 @@ impl FabricStepClock {
 }
 
 impl<P> StepClock<P, StepRouting> for FabricStepClock {
-    /// The simulated duration; a step that cannot be priced costs 0 and its error is kept for
-    /// [`FabricStepClock::take_error`] (and counted), never silently dropped.
-    fn step_duration_ns(&mut self, plan: &StepPlan<P>, routing: &StepRouting) -> u64 {
-        match self.simulate(plan, routing) {
-            Ok(t) => t.duration_ns,
-            Err(e) => {
-                self.errors_total += 1;
-                self.last_error = Some(e);
-                0
-            }
-        }
+    type Error = ClockError;
+
+    /// The simulated duration ([`FabricStepClock::simulate`]); a step that cannot be priced is an
+    /// error (and counted in [`FabricStepClock::errors_total`]).
+    fn step_duration_ns(
+        &mut self,
+        plan: &StepPlan<P>,
+        routing: &StepRouting,
+    ) -> Result<u64, ClockError> {
+        let timing = self.simulate(plan, routing);
+        self.errors_total += u64::from(timing.is_err());
+        Ok(timing?.duration_ns)
     }
 }
 
@@ -405,6 +415,30 @@ fn placements_for(
     }
     Ok(chosen)
 }
+
+/// The GPUs that served routing layer `index`'s pairs (main MoE layers, then the MTP layer at
+/// index `layers.len()`), checked to hold `pairs` entries; `None` when the executor's expert
+/// backend moved no rows (the fabric then chooses replicas).
+fn served_gpus(
+    routing: &StepRouting,
+    index: usize,
+    pairs: usize,
+) -> Result<Option<&[u32]>, ClockError> {
+    let Some(all) = &routing.served_gpus else {
+        return Ok(None);
+    };
+    match all.get(index) {
+        Some(gpus) if gpus.len() == pairs => Ok(Some(gpus)),
+        found => Err(ClockError::Routing(format!(
+            "the expert backend reported {} served GPUs for MoE layer {index}, which has {pairs} \
+             (row, expert) pairs",
+            found.map_or(0, Vec::len)
+        ))),
+    }
+}
+
+/// One routing and, when recorded, the GPU that served each of its pairs.
+type Served<'r> = (&'r pdserve_model::Routing, Option<&'r [u32]>);
 
 /// The step's requests laid out per rank: the fabric's batch and, per rank, the routing rows in
 /// the fabric's token order.
@@ -463,33 +497,34 @@ impl RankLayout {
     }
 
     /// A fabric routing of `top_k` experts per token whose token `(request, j, row)` takes the
-    /// experts of the row `pick` names in the routing `pick` names.
+    /// experts of the row `pick` names in the routing `pick` names, served by the GPUs recorded
+    /// for that row (or the fabric's replica rule where none were recorded).
     fn fill<'r>(
         &self,
         top_k: usize,
         tokens_per_rank: &[u32],
-        pick: impl Fn(usize, usize, usize) -> (&'r pdserve_model::Routing, usize),
+        pick: impl Fn(usize, usize, usize) -> (Served<'r>, usize),
     ) -> Result<LayerRouting, ClockError> {
         let total: usize = self.rows.iter().map(Vec::len).sum();
         let mut experts = Vec::with_capacity(total * top_k);
+        let mut gpus = Vec::with_capacity(total * top_k);
+        let mut any_served = false;
         for rank_rows in &self.rows {
             for &(req, j, row) in rank_rows {
-                let (routing, src) = pick(req, j, row);
+                let ((routing, served), src) = pick(req, j, row);
                 if routing.top_k != top_k {
                     return Err(ClockError::Routing(format!(
                         "layers route to {} and {top_k} experts per token",
                         routing.top_k
                     )));
                 }
-                let ids = routing
-                    .ids
-                    .get(src * top_k..(src + 1) * top_k)
-                    .ok_or_else(|| {
-                        ClockError::Routing(format!(
-                            "row {src} is beyond the {} routed tokens of a layer",
-                            routing.tokens()
-                        ))
-                    })?;
+                let pairs = src * top_k..(src + 1) * top_k;
+                let ids = routing.ids.get(pairs.clone()).ok_or_else(|| {
+                    ClockError::Routing(format!(
+                        "row {src} is beyond the {} routed tokens of a layer",
+                        routing.tokens()
+                    ))
+                })?;
                 for &e in ids {
                     experts.push(u16::try_from(e).map_err(|_| {
                         ClockError::Routing(format!(
@@ -497,32 +532,48 @@ impl RankLayout {
                         ))
                     })?);
                 }
+                match served.and_then(|g| g.get(pairs)) {
+                    Some(g) => {
+                        gpus.extend_from_slice(g);
+                        any_served = true;
+                    }
+                    None => gpus.extend(std::iter::repeat_n(LayerRouting::ANY_GPU, top_k)),
+                }
             }
         }
-        Ok(LayerRouting::new(top_k, tokens_per_rank, experts)?)
+        let layer = LayerRouting::new(top_k, tokens_per_rank, experts)?;
+        Ok(if any_served {
+            layer.with_gpus(gpus)?
+        } else {
+            layer
+        })
     }
 
     /// One main MoE layer, row for row.
     fn layer(
         &self,
         routing: &pdserve_model::Routing,
+        served: Option<&[u32]>,
         tokens_per_rank: &[u32],
     ) -> Result<LayerRouting, ClockError> {
-        self.fill(routing.top_k, tokens_per_rank, |_, _, row| (routing, row))
+        self.fill(routing.top_k, tokens_per_rank, |_, _, row| {
+            ((routing, served), row)
+        })
     }
 
     /// The MTP layer: each request's MTP rows laid over its main rows cyclically; a request without
-    /// MTP rows keeps `fallback`'s (its last main layer's) choices.
+    /// MTP rows keeps `fallback`'s (its last main layer's) choices, served by the fabric's rule
+    /// (the MTP module moved no copy of them).
     fn mtp_layer(
         &self,
-        mtp: &pdserve_model::Routing,
+        mtp: Served<'_>,
         fallback: &pdserve_model::Routing,
         tokens_per_rank: &[u32],
     ) -> Result<LayerRouting, ClockError> {
-        self.fill(mtp.top_k, tokens_per_rank, |req, j, row| {
+        self.fill(mtp.0.top_k, tokens_per_rank, |req, j, row| {
             match self.mtp_rows.get(req).filter(|m| !m.is_empty()) {
                 Some(m) => (mtp, m.start + j % m.len()),
-                None => (fallback, row),
+                None => ((fallback, None), row),
             }
         })
     }

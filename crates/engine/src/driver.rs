@@ -10,8 +10,10 @@
 //!
 //! The driver reads no clock itself: the caller passes the step's start and a function returning
 //! the current time on the same monotonic clock (a test passes a fake one), and does the waiting.
-//! An executor failure fails the step's sequences ([`EngineState::fail_step`]) and is reported in
-//! [`StepReport::error`]; the loop goes on.
+//! An executor failure, or a clock that cannot price the executed step, fails the step's sequences
+//! ([`EngineState::fail_step`]: each finishes with `error`) and is reported in
+//! [`StepReport::error`] (`sim_ns` is then 0: nothing is released at a made-up time); the loop
+//! goes on. The driver writes no log: the caller logs the report's error.
 
 use crate::executor::{Executor, StepClock};
 use crate::pacing::{Pace, Pacer};
@@ -45,7 +47,8 @@ pub struct StepReport {
     pub pace: Pace,
     /// Updates to stream at `pace.release_ns`.
     pub updates: Vec<SeqUpdate>,
-    /// The executor's error when the step failed.
+    /// Why the step failed: the executor's error, or `clock: …` when the executed step could not
+    /// be priced.
     pub error: Option<String>,
 }
 
@@ -120,15 +123,15 @@ where
         let plan = self.scheduler.step(start_ns, &mut self.state)?;
         let executed = self.executor.execute(&plan);
         let execute_end_ns = now();
-        let (updates, sim_ns, error) = match executed {
-            Ok(out) => {
-                let sim_ns = self.clock.step_duration_ns(&plan, &out.routing);
-                (self.state.apply(out.seqs)?, sim_ns, None)
+        let priced = executed.map_err(|e| e.to_string()).and_then(|out| {
+            match self.clock.step_duration_ns(&plan, &out.routing) {
+                Ok(sim_ns) => Ok((out, sim_ns)),
+                Err(e) => Err(format!("clock: {e}")),
             }
-            Err(e) => {
-                let message = e.to_string();
-                (self.state.fail_step(&message)?, 0, Some(message))
-            }
+        });
+        let (updates, sim_ns, error) = match priced {
+            Ok((out, sim_ns)) => (self.state.apply(out.seqs)?, sim_ns, None),
+            Err(message) => (self.state.fail_step(&message)?, 0, Some(message)),
         };
         let real_end_ns = now();
         let pace = self.pacer.pace(start_ns, sim_ns, real_end_ns);
@@ -159,10 +162,23 @@ mod tests {
     use super::*;
     use crate::config::SchedulerConfig;
     use crate::executor::{LinearStepClock, ScriptedExecutor};
+    use crate::plan::StepPlan;
     use crate::sequence::{Request, RequestId};
-    use crate::stop::StopConditions;
+    use crate::stop::{FinishReason, StopConditions};
 
     fn driver(time_scale: f64) -> StepDriver<(), ScriptedExecutor, LinearStepClock> {
+        let clock = LinearStepClock {
+            base_ns: 1_000_000,
+            per_token_ns: 0,
+        };
+        driver_with(time_scale, clock)
+    }
+
+    /// A driver with request 1 (prompt of 2, 3 tokens out) priced by `clock`.
+    fn driver_with<C: StepClock<(), ()>>(
+        time_scale: f64,
+        clock: C,
+    ) -> StepDriver<(), ScriptedExecutor, C> {
         let scheduler = Scheduler::new(SchedulerConfig {
             num_kv_blocks: 16,
             max_context_tokens: 512,
@@ -172,20 +188,75 @@ mod tests {
         let mut d = StepDriver::new(
             scheduler,
             ScriptedExecutor::new(100),
-            LinearStepClock {
-                base_ns: 1_000_000,
-                per_token_ns: 0,
-            },
+            clock,
             Pacer::new(time_scale).unwrap(),
         );
+        add(&mut d, 1);
+        d
+    }
+
+    fn add<C: StepClock<(), ()>>(d: &mut StepDriver<(), ScriptedExecutor, C>, id: u64) {
         let stop = StopConditions {
             max_tokens: Some(3),
             ..StopConditions::default()
         };
         d.state_mut()
-            .add_request(Request::new(RequestId(1), vec![5, 6], ()).with_stop(stop))
+            .add_request(Request::new(RequestId(id), vec![5, 6], ()).with_stop(stop))
             .unwrap();
-        d
+    }
+
+    /// Why [`RefusingClock`] refused.
+    #[derive(Debug, thiserror::Error)]
+    #[error("step {0} cannot be priced")]
+    struct Unpriceable(u64);
+
+    /// 1 ms per step, except step `refuse`, which it cannot price.
+    struct RefusingClock {
+        refuse: u64,
+    }
+
+    impl StepClock<(), ()> for RefusingClock {
+        type Error = Unpriceable;
+
+        fn step_duration_ns(&mut self, plan: &StepPlan<()>, _: &()) -> Result<u64, Unpriceable> {
+            if plan.step_id == self.refuse {
+                return Err(Unpriceable(plan.step_id));
+            }
+            Ok(1_000_000)
+        }
+    }
+
+    #[test]
+    fn a_step_the_clock_cannot_price_fails_its_requests_and_the_loop_goes_on() {
+        let mut d = driver_with(1.0, RefusingClock { refuse: 1 });
+        let first = d.step(0, &mut || 100).unwrap();
+        assert_eq!((first.num_output_tokens, first.sim_ns), (1, 1_000_000));
+        // Step 1 runs request 1's decode but cannot be priced: the request fails, nothing is
+        // released with a made-up duration.
+        let failed = d.step(2_000_000, &mut || 2_000_100).unwrap();
+        assert_eq!(
+            failed.error.as_deref(),
+            Some("clock: step 1 cannot be priced")
+        );
+        assert_eq!((failed.sim_ns, failed.pace.wait_ns), (0, 0));
+        assert_eq!(failed.updates.len(), 1);
+        let update = &failed.updates[0];
+        assert!(update.tokens.is_empty());
+        let finish = update.finish.as_ref().unwrap();
+        assert_eq!(finish.reason, FinishReason::Error);
+        assert!(
+            finish
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("cannot be priced")),
+            "{finish:?}"
+        );
+        assert_eq!(d.state().stats().requests_finished_total.error, 1);
+        // The next request is served and priced normally.
+        add(&mut d, 2);
+        let next = d.step(3_000_000, &mut || 3_000_100).unwrap();
+        assert_eq!((next.error, next.sim_ns), (None, 1_000_000));
+        assert_eq!(next.num_output_tokens, 1);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! The engine loop (one task owns the state; see the crate docs) is:
 //! `plan = scheduler.step(now)` → write `plan.kv_loads` → `out = executor.execute(&plan)` →
-//! `sim_ns = clock.step_duration_ns(&plan, &out.routing)` → `updates = state.apply(out.seqs)` →
+//! `sim_ns = clock.step_duration_ns(&plan, &out.routing)?` → `updates = state.apply(out.seqs)` →
 //! `pacer.pace(start, sim_ns, real_end)` → stream `updates` at the release time.
 //!
 //! Output contract of an executor, per sequence of the plan (checked by `apply`; a violation finishes
@@ -13,7 +13,7 @@
 //! - a decode without a draft: exactly one token; with a draft `d`: `[t]` if the model's token `t` at
 //!   the input position differs from `d`, or `[d, t2]` if it equals `d`, `t2` being the model's token
 //!   after `d`;
-//! - `logprobs` empty or one per token; `draft` only when `plan.spec_tokens > 0`: the MTP proposal
+//! - `logprobs` and `top_logprobs` each empty or one per token; `draft` only when `plan.spec_tokens > 0`: the MTP proposal
 //!   for the token after the last one returned.
 //!
 //! [`ScriptedExecutor`] and [`LinearStepClock`] are the stand-ins used by tests and by examples.
@@ -32,6 +32,9 @@ pub struct SeqOutput {
     pub tokens: Vec<TokenId>,
     /// Log-probability of each token, or empty.
     pub logprobs: Vec<f32>,
+    /// The most likely alternatives of each token (id, logprob; best first), or empty; one entry
+    /// per token when present.
+    pub top_logprobs: Vec<Vec<(TokenId, f32)>>,
     /// Draft for the token after the last of `tokens` (speculative decoding).
     pub draft: Option<TokenId>,
 }
@@ -59,8 +62,13 @@ pub trait Executor<P> {
 
 /// Prices a step in simulated time (the fabric's cost model and timeline implement it).
 pub trait StepClock<P, R> {
+    /// Why a step could not be priced; the driver then fails the step
+    /// ([`EngineState::fail_step`](crate::EngineState::fail_step)): a step is never released
+    /// with a made-up duration.
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// Simulated duration of `plan` given its routing trace, in ns.
-    fn step_duration_ns(&mut self, plan: &StepPlan<P>, routing: &R) -> u64;
+    fn step_duration_ns(&mut self, plan: &StepPlan<P>, routing: &R) -> Result<u64, Self::Error>;
 }
 
 /// A step clock linear in the batch: `base_ns + per_token_ns * num_batched_tokens`.
@@ -73,14 +81,16 @@ pub struct LinearStepClock {
 }
 
 impl<P, R> StepClock<P, R> for LinearStepClock {
-    fn step_duration_ns(&mut self, plan: &StepPlan<P>, _routing: &R) -> u64 {
+    type Error = Infallible;
+
+    fn step_duration_ns(&mut self, plan: &StepPlan<P>, _routing: &R) -> Result<u64, Infallible> {
         if plan.is_idle() {
-            return 0;
+            return Ok(0);
         }
-        self.base_ns.saturating_add(
+        Ok(self.base_ns.saturating_add(
             self.per_token_ns
                 .saturating_mul(plan.num_batched_tokens as u64),
-        )
+        ))
     }
 }
 
@@ -181,6 +191,7 @@ impl<P> Executor<P> for ScriptedExecutor {
                 id: chunk.id,
                 tokens: vec![self.token(chunk.id, k)],
                 logprobs: vec![Self::logprob(k)],
+                top_logprobs: Vec::new(),
                 draft: spec.then(|| self.draft(chunk.id, k + 1)),
             });
         }
@@ -195,6 +206,7 @@ impl<P> Executor<P> for ScriptedExecutor {
             seqs.push(SeqOutput {
                 id: item.id,
                 logprobs: (k..next).map(Self::logprob).collect(),
+                top_logprobs: Vec::new(),
                 tokens,
                 draft: spec.then(|| self.draft(item.id, next)),
             });
@@ -251,7 +263,7 @@ mod tests {
             base_ns: 1_000,
             per_token_ns: 10,
         };
-        assert_eq!(clock.step_duration_ns(&plan, &()), 0);
+        assert_eq!(clock.step_duration_ns(&plan, &()), Ok(0));
         plan.decodes.push(crate::plan::DecodeItem {
             id: RequestId(1),
             input_token: 0,
@@ -263,6 +275,6 @@ mod tests {
             micro_batch: 0,
         });
         plan.num_batched_tokens = 3;
-        assert_eq!(clock.step_duration_ns(&plan, &()), 1_030);
+        assert_eq!(clock.step_duration_ns(&plan, &()), Ok(1_030));
     }
 }

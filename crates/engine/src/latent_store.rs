@@ -129,6 +129,26 @@ pub trait LatentStore {
         out: &mut LatentRows,
     ) -> Result<(), StoreError>;
 
+    /// Copies positions `0..len` of one layer into `c_kv` (`len × kv_lora_rank` floats) and
+    /// `k_rope` (`len × rope_dim`), where `len = c_kv.len() / kv_lora_rank`: the caller's buffers,
+    /// no allocation. The provided version goes through [`gather`](Self::gather); stores override
+    /// it to copy straight from their blocks.
+    fn gather_into_slices(
+        &self,
+        table: &[BlockId],
+        layer: usize,
+        c_kv: &mut [f32],
+        k_rope: &mut [f32],
+    ) -> Result<(), StoreError> {
+        let shape = self.shape();
+        let len = whole_rows(c_kv.len(), shape.kv_lora_rank)?;
+        check_width("k_rope", k_rope.len(), len * shape.rope_dim)?;
+        let rows = self.gather(table, layer, len)?;
+        c_kv.copy_from_slice(&rows.c_kv);
+        k_rope.copy_from_slice(&rows.k_rope);
+        Ok(())
+    }
+
     /// Writes one position's rows of one layer.
     fn write(
         &mut self,
@@ -155,6 +175,18 @@ pub trait LatentStore {
         self.gather_into(table, layer, len, &mut out)?;
         Ok(out)
     }
+}
+
+/// The number of `row_width`-wide `c_kv` rows in `got` floats.
+fn whole_rows(got: usize, row_width: usize) -> Result<usize, StoreError> {
+    if row_width == 0 || !got.is_multiple_of(row_width) {
+        return Err(StoreError::NotWholeRows {
+            field: "c_kv",
+            row_width,
+            got,
+        });
+    }
+    Ok(got / row_width)
 }
 
 fn check_width(field: &'static str, got: usize, expected: usize) -> Result<(), StoreError> {
@@ -325,6 +357,28 @@ impl LatentStore for CpuLatentStore {
         });
         Ok(())
     }
+
+    fn gather_into_slices(
+        &self,
+        table: &[BlockId],
+        layer: usize,
+        c_kv: &mut [f32],
+        k_rope: &mut [f32],
+    ) -> Result<(), StoreError> {
+        let (rank, rope) = (self.shape.kv_lora_rank, self.shape.rope_dim);
+        let len = whole_rows(c_kv.len(), rank)?;
+        check_width("k_rope", k_rope.len(), len * rope)?;
+        self.check_range(table, layer, len)?;
+        for_each_run(table, 0, len, |block, slot, off, n| {
+            let chunk = &self.blocks[block.index()];
+            let row0 = layer * BLOCK_SIZE_TOKENS + slot;
+            c_kv[off * rank..(off + n) * rank]
+                .copy_from_slice(&chunk.c_kv[row0 * rank..(row0 + n) * rank]);
+            k_rope[off * rope..(off + n) * rope]
+                .copy_from_slice(&chunk.k_rope[row0 * rope..(row0 + n) * rope]);
+        });
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -377,6 +431,25 @@ mod tests {
         let want_r: Vec<f32> = (0..150).flat_map(|p| row(p, 1, 2, 0.0)).collect();
         assert_eq!(rows.c_kv, want_c);
         assert_eq!(rows.k_rope, want_r);
+        // Straight into the caller's buffers: the same rows, also for a prefix.
+        for len in [150, 70, 0] {
+            let (mut c, mut r) = (vec![0.0; len * 4], vec![0.0; len * 2]);
+            store
+                .gather_into_slices(pool.table(a), 1, &mut c, &mut r)
+                .unwrap();
+            assert_eq!(c, want_c[..len * 4]);
+            assert_eq!(r, want_r[..len * 2]);
+        }
+        let (mut c, mut r) = (vec![0.0; 8], vec![0.0; 2]);
+        assert!(matches!(
+            store.gather_into_slices(pool.table(a), 1, &mut c, &mut r),
+            Err(StoreError::RowWidth { .. })
+        ));
+        let (mut c, mut r) = (vec![0.0; 6], vec![0.0; 3]);
+        assert!(matches!(
+            store.gather_into_slices(pool.table(a), 1, &mut c, &mut r),
+            Err(StoreError::NotWholeRows { .. })
+        ));
     }
 
     #[test]

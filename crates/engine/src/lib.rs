@@ -48,7 +48,7 @@
 //!     let plan = scheduler.step(now_ns, &mut state)?;
 //!     // (write plan.kv_loads into the latent store here)
 //!     let Ok(out) = executor.execute(&plan);
-//!     let sim_ns = clock.step_duration_ns(&plan, &out.routing);
+//!     let Ok(sim_ns) = clock.step_duration_ns(&plan, &out.routing);
 //!     for update in state.apply(out.seqs)? {
 //!         output.extend(update.tokens);
 //!     }

@@ -158,15 +158,17 @@ pub fn verify_with_draft_distribution(
     }
 }
 
-/// Verifies a greedy draft with the request's sampler (see the module docs): samples the target
-/// token `t` from `logits` as decoding without a draft would, and accepts iff `t == draft`.
-/// Returns the verdict and the sampled token (its logprob when the parameters ask for one).
+/// Verifies a greedy draft at output index `index` with the request's sampler (see the module
+/// docs): samples the target token `t` from `logits` with draw `index`, as decoding without a
+/// draft would, and accepts iff `t == draft`. Returns the verdict and the sampled token (its
+/// logprobs when the parameters ask for them).
 pub fn verify_point_mass(
     logits: &[f32],
     draft: u32,
-    sampler: &mut Sampler,
+    sampler: &Sampler,
+    index: usize,
 ) -> ModelResult<(Verdict, SampledToken)> {
-    let t = sampler.sample(logits)?;
+    let t = sampler.sample_at(logits, index)?;
     let verdict = if t.id == draft {
         Verdict::Accepted
     } else {
@@ -200,7 +202,7 @@ mod tests {
             top_k,
             top_p,
             seed: Some(seed),
-            logprobs: None,
+            ..SamplingParams::default()
         }
     }
 
@@ -242,7 +244,7 @@ mod tests {
             let probs = target_probs(&LOGITS_P, &p);
             assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-12);
             let mut counts = [0u64; 6];
-            let mut s = Sampler::new(p, 0).unwrap();
+            let mut s = Sampler::new(p.clone(), 0).unwrap();
             for _ in 0..DRAWS {
                 counts[s.sample(&LOGITS_P).unwrap().id as usize] += 1;
             }
@@ -286,8 +288,8 @@ mod tests {
             let mut counts = [0u64; 6];
             let mut accepted = 0u64;
             for seed in 0..DRAWS {
-                let mut sampler = Sampler::new(sp_of(seed), 0).unwrap();
-                let (v, t) = verify_point_mass(&LOGITS_P, draft, &mut sampler).unwrap();
+                let sampler = Sampler::new(sp_of(seed), 0).unwrap();
+                let (v, t) = verify_point_mass(&LOGITS_P, draft, &sampler, 0).unwrap();
                 assert_eq!(v.token(draft), t.id);
                 accepted += u64::from(v.is_accepted());
                 counts[v.token(draft) as usize] += 1;
@@ -340,9 +342,9 @@ mod tests {
                 Verdict::Accepted
             );
         }
-        let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
+        let s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
         assert_eq!(
-            verify_point_mass(&LOGITS_P, 3, &mut s).unwrap().0,
+            verify_point_mass(&LOGITS_P, 3, &s, 0).unwrap().0,
             Verdict::Accepted
         );
     }

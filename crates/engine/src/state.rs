@@ -95,6 +95,9 @@ pub struct SeqUpdate {
     pub tokens: Vec<TokenId>,
     /// Their log-probabilities (empty if the executor gave none).
     pub logprobs: Vec<f32>,
+    /// The most likely alternatives of each token (id, logprob; best first): empty, or one entry
+    /// per token.
+    pub top_logprobs: Vec<Vec<(TokenId, f32)>>,
     /// New text (with a detokenizer; stop strings excluded, possible stop-string prefixes held back).
     pub text: Option<String>,
     /// Set on the last update of the request.
@@ -256,6 +259,7 @@ impl<P> EngineState<P> {
             id,
             tokens: Vec::new(),
             logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
             text: None,
             finish: Some(Finish::new(FinishReason::Abort)),
             num_prompt_tokens: seq.prompt.len(),
@@ -361,12 +365,15 @@ impl<P> EngineState<P> {
         self.stats.generation_tokens_total += tokens.len() as u64;
         let mut logprobs = out.logprobs;
         logprobs.truncate(tokens.len());
+        let mut top_logprobs = out.top_logprobs;
+        top_logprobs.truncate(tokens.len());
         // The last token is the next input; everything before it is cached.
         seq.num_computed_tokens = seq.num_tokens() - 1;
         seq.phase = Phase::Decode;
         seq.draft = out.draft;
         let reason = finish.as_ref().map(|f| f.reason);
-        let update = make_update(seq, tokens, logprobs, finish);
+        let mut update = make_update(seq, tokens, logprobs, finish);
+        update.top_logprobs = top_logprobs;
         if let Some(reason) = reason {
             self.finish(id, reason);
         }
@@ -544,6 +551,13 @@ fn check_output<P>(
             out.tokens.len()
         ));
     }
+    if !out.top_logprobs.is_empty() && out.top_logprobs.len() != out.tokens.len() {
+        return Err(format!(
+            "executor returned {} top-logprob lists for {} tokens",
+            out.top_logprobs.len(),
+            out.tokens.len()
+        ));
+    }
     if out.draft.is_some() && spec_tokens == 0 {
         return Err("executor returned a draft with speculative decoding off".into());
     }
@@ -568,6 +582,7 @@ pub(crate) fn make_update<P>(
         id: seq.id,
         tokens,
         logprobs,
+        top_logprobs: Vec::new(),
         text,
         finish,
         num_prompt_tokens: seq.prompt.len(),

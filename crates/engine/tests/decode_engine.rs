@@ -220,7 +220,7 @@ fn prefill_then_decode(req: &Req, mtp: bool) -> Vec<u32> {
     prefill
         .state_mut()
         .add_request(
-            Request::new(RequestId(req.id), req.prompt.clone(), req.params)
+            Request::new(RequestId(req.id), req.prompt.clone(), req.params.clone())
                 .with_stop(stop)
                 .with_retained_kv(),
         )
@@ -251,7 +251,7 @@ fn prefill_then_decode(req: &Req, mtp: bool) -> Vec<u32> {
     decode
         .state_mut()
         .add_request(
-            Request::new(RequestId(req.id), req.prompt.clone(), req.params)
+            Request::new(RequestId(req.id), req.prompt.clone(), req.params.clone())
                 .with_stop(stop)
                 .with_kv_arrived(first),
         )
@@ -265,10 +265,10 @@ fn prefill_then_decode(req: &Req, mtp: bool) -> Vec<u32> {
 
 #[test]
 fn arrived_kv_decodes_exactly_like_a_local_prefill() {
-    for mtp in [false, true] {
-        // Greedy: the decode instance's sampler starts fresh, so seeded sampling would differ in
-        // draws after the first token; greedy tokens must be identical.
-        let reqs = requests(3, 0.0, 12);
+    // Greedy and seeded sampling: the token at output index k uses draw k of the request's seed,
+    // so the decode instance continues the prefill instance's stream at index 1.
+    for (temperature, mtp) in [(0.0, false), (0.0, true), (0.9, false), (0.9, true)] {
+        let reqs = requests(3, temperature, 12);
         let local = run(
             &Knobs {
                 mtp,
@@ -279,7 +279,11 @@ fn arrived_kv_decodes_exactly_like_a_local_prefill() {
         for r in &reqs {
             let remote = prefill_then_decode(r, mtp);
             assert_eq!(remote.len(), 12);
-            assert_eq!(remote, local.tokens[&r.id], "request {} mtp {mtp}", r.id);
+            assert_eq!(
+                remote, local.tokens[&r.id],
+                "request {} temperature {temperature} mtp {mtp}",
+                r.id
+            );
         }
     }
 }
@@ -304,6 +308,115 @@ fn a_missing_arrived_kv_fails_only_its_request() {
     assert_eq!(out.exec.failed_seqs_total, 1);
 }
 
+#[test]
+fn min_tokens_masks_the_suppressed_ids_until_the_index_reaches_it() {
+    let free = requests(2, 0.0, 8);
+    let natural = run(&Knobs::default(), &free);
+    for mtp in [false, true] {
+        let knobs = Knobs {
+            mtp,
+            ..Knobs::default()
+        };
+        // Suppress what each request would naturally say at indices 0..6, and stop on its
+        // natural token at index 1 (which would end it after 2 tokens without the mask).
+        let masked: Vec<Req> = free
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.params.min_tokens = 6;
+                r.params.suppressed_token_ids = natural.tokens[&r.id][..6].to_vec();
+                r
+            })
+            .collect();
+        let mut d = driver(&knobs);
+        for r in &masked {
+            let stop = StopConditions {
+                max_tokens: Some(r.max_tokens),
+                min_tokens: 6,
+                stop_token_ids: vec![natural.tokens[&r.id][1]],
+                ..StopConditions::default()
+            };
+            d.state_mut()
+                .add_request(
+                    Request::new(RequestId(r.id), r.prompt.clone(), r.params.clone())
+                        .with_stop(stop),
+                )
+                .expect("admitted");
+        }
+        let out = finish(d);
+        for r in &masked {
+            let tokens = &out.tokens[&r.id];
+            assert!(tokens.len() >= 6, "mtp {mtp}: {tokens:?}");
+            for (k, t) in tokens[..6].iter().enumerate() {
+                assert!(
+                    !r.params.suppressed_token_ids.contains(t),
+                    "mtp {mtp}: index {k} sampled suppressed {t}: {tokens:?}"
+                );
+            }
+            // A prefill instance masks index 0 and a decode instance the rest, identically.
+            let remote = prefill_then_decode(
+                &Req {
+                    max_tokens: tokens.len(),
+                    ..r.clone()
+                },
+                mtp,
+            );
+            assert_eq!(&remote[..6], &tokens[..6], "mtp {mtp}");
+        }
+    }
+}
+
+/// One emitted token: id, logprob, top alternatives (id, logprob).
+type TokenLogprobs = (u32, f32, Vec<(u32, f32)>);
+
+/// Every token's (logprob, top alternatives) of one request, in output order.
+fn logprobs_of(mtp: bool, req: &Req) -> Vec<TokenLogprobs> {
+    let mut d = driver(&Knobs {
+        mtp,
+        ..Knobs::default()
+    });
+    add(&mut d, std::slice::from_ref(req));
+    let mut out = Vec::new();
+    let mut t = 0;
+    while d.state().has_work() {
+        let r = d.step(t, &mut || t + 1).expect("step");
+        t += 10;
+        for u in r.updates {
+            assert_eq!(u.logprobs.len(), u.tokens.len());
+            assert_eq!(u.top_logprobs.len(), u.tokens.len());
+            for ((tok, lp), top) in u.tokens.iter().zip(u.logprobs).zip(u.top_logprobs) {
+                out.push((*tok, lp, top));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_token_carries_its_top_logprobs_with_mtp_on_and_off() {
+    let mut req = requests(1, 0.0, 10).remove(0);
+    req.params.logprobs = Some(3);
+    let off = logprobs_of(false, &req);
+    let on = logprobs_of(true, &req);
+    assert_eq!(off.len(), 10);
+    assert_eq!(on.len(), 10);
+    for ((t_off, lp_off, top_off), (t_on, lp_on, top_on)) in off.iter().zip(&on) {
+        assert_eq!(t_off, t_on);
+        for top in [top_off, top_on] {
+            assert_eq!(top.len(), 3);
+            assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{top:?}");
+            // Greedy: the chosen token is the most likely one.
+            assert_eq!(top[0].0, *t_off);
+        }
+        assert!((lp_off - lp_on).abs() < 1e-3, "{lp_off} vs {lp_on}");
+        assert!((lp_off - top_off[0].1).abs() < 1e-6);
+        for (a, b) in top_off.iter().zip(top_on) {
+            assert_eq!(a.0, b.0);
+            assert!((a.1 - b.1).abs() < 1e-3);
+        }
+    }
+}
+
 /// Real routing of one decode step of the tiny model (16 requests).
 fn real_decode_routing() -> StepRouting {
     let (m, e) = model();
@@ -316,7 +429,7 @@ fn real_decode_routing() -> StepRouting {
     let mut state = scheduler.new_state();
     for r in requests(16, 0.0, 8) {
         state
-            .add_request(Request::new(RequestId(r.id), r.prompt, r.params))
+            .add_request(Request::new(RequestId(r.id), r.prompt, r.params.clone()))
             .expect("admitted");
     }
     let mut exec = ModelExecutor::new(m, e, ExecutorConfig::for_scheduler(scheduler.config(), 16))
@@ -370,6 +483,7 @@ fn replicate(real: &StepRouting, ranks: u32, per_rank: usize, context: usize) ->
         layers,
         mtp: None,
         placements: None,
+        served_gpus: None,
     }
 }
 

@@ -286,6 +286,120 @@ fn dispatch_and_combine_move_every_pair_once_each_way() {
     }
 }
 
+/// The (source, destination) copy counts of a fabric flow set, `[src × d + dst]`.
+fn flow_matrix(flows: &pdserve_fabric::FlowSet, d: usize) -> Vec<u64> {
+    let mut m = vec![0u64; d * d];
+    for ((&s, &t), &u) in flows.src.iter().zip(&flows.dst).zip(&flows.units) {
+        m[s as usize * d + t as usize] += u64::from(u);
+    }
+    m
+}
+
+/// `matrix` with its diagonal (local messages, never on a link) zeroed.
+fn off_diagonal(matrix: &[u64], d: usize) -> Vec<u64> {
+    let mut m = matrix.to_vec();
+    for r in 0..d {
+        m[r * d + r] = 0;
+    }
+    m
+}
+
+#[test]
+fn the_fabric_prices_exactly_the_replicas_the_runtime_served() {
+    use pdserve_fabric::{
+        DispatchPath, Fabric, FabricConfig, HardwareProfile, LayerRouting, Mode, ModelShape,
+    };
+    let ckpt = tiny_checkpoint();
+    let h = ckpt.config().hidden_size;
+    // EP8 (one NVLink domain) and EP32 (four nodes), each with redundant replicas.
+    for (d, r) in [(8, 8), (32, 32)] {
+        let mut group = EpGroup::load(&ckpt, config(d, r), &Device::Cpu).unwrap();
+        let (n0, n1) = (40, 24);
+        for (n, seed) in [(n0, 1u64), (n1, 2)] {
+            group
+                .batch(&ranks(n, d, seed + 10))
+                .unwrap()
+                .routed_forward(1, &hidden(n, h, seed), &gate_routing(&ckpt, n, seed + 20))
+                .unwrap();
+        }
+        group.finish_step().unwrap();
+        let traffic = group.last_step_traffic();
+        let layer = traffic.layer(1).unwrap();
+        let k = layer.top_k;
+        // Served ranks agree with the matrices: pairs per (source, served rank), and one row per
+        // (token, distinct served rank).
+        assert_eq!(layer.served_ranks.len(), (n0 + n1) * k);
+        assert_eq!(group.last_step_served_ranks()[0], layer.served_ranks);
+        let mut pairs = vec![0u64; d * d];
+        let mut rows = vec![0u64; d * d];
+        for (&src, served) in layer.source_ranks.iter().zip(layer.served_ranks.chunks(k)) {
+            let mut distinct = served.to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            for &dst in served {
+                pairs[src as usize * d + dst as usize] += 1;
+            }
+            for dst in distinct {
+                rows[src as usize * d + dst as usize] += 1;
+            }
+        }
+        assert_eq!(pairs, layer.dispatch.pair_matrix());
+        assert_eq!(rows, layer.dispatch.row_matrix());
+
+        let placement = &group.fabric_placements().unwrap()[0];
+        let served = layer.fabric_routing().unwrap();
+        let tokens: Vec<u32> = layer.tokens_per_rank.iter().map(|&t| t as u32).collect();
+        let experts: Vec<u16> = (0..d)
+            .flat_map(|g| served.experts_of(g, 0..served.tokens_of(g)).to_vec())
+            .collect();
+        let own_choice = LayerRouting::new(k, &tokens, experts).unwrap();
+        let ranges: Vec<(usize, usize)> = tokens.iter().map(|&t| (0, t as usize)).collect();
+        let fabric = |path| {
+            Fabric::new(FabricConfig {
+                profile: HardwareProfile::builtin("h800").unwrap(),
+                shape: ModelShape::deepseek_v3().unwrap(),
+                ep_size: d as u32,
+                mode: Mode::Detailed,
+                path,
+            })
+            .unwrap()
+        };
+        // Direct path: every remote pair crosses a NIC to its served rank.
+        let direct = fabric(DispatchPath::Direct);
+        let plan = direct.plan(placement, &served, &ranges, "routing").unwrap();
+        assert_eq!(
+            flow_matrix(&plan.nic, d),
+            off_diagonal(layer.dispatch.pair_matrix(), d)
+        );
+        let received: Vec<u64> = plan.pairs.iter().map(|&p| u64::from(p)).collect();
+        assert_eq!(
+            received,
+            layer.dispatch.received_pairs(),
+            "expert load per GPU"
+        );
+        // The fabric's own replica rule moves other copies.
+        let own = direct
+            .plan(placement, &own_choice, &ranges, "routing")
+            .unwrap();
+        assert_ne!(
+            flow_matrix(&own.nic, d),
+            off_diagonal(layer.dispatch.pair_matrix(), d)
+        );
+        // Forwarded path in one NVLink domain: one NVLink row per (token, remote served rank).
+        if d == 8 {
+            let forwarded = fabric(DispatchPath::Forwarded);
+            let plan = forwarded
+                .plan(placement, &served, &ranges, "routing")
+                .unwrap();
+            assert!(plan.nic.is_empty());
+            assert_eq!(
+                flow_matrix(&plan.nvlink, d),
+                off_diagonal(layer.dispatch.row_matrix(), d)
+            );
+        }
+    }
+}
+
 #[test]
 fn results_are_deterministic_and_independent_of_compute_threads() {
     let ckpt = tiny_checkpoint();

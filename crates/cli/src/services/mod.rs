@@ -13,13 +13,14 @@ pub mod backend;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use pdserve_engine::{
     ClockConfig, ExecutorConfig, FabricStepClock, ModelExecutor, SchedulerConfig,
 };
 use pdserve_fabric::{Mode, Phase};
-use pdserve_model::DeepSeekV3;
+use pdserve_model::{Checkpoint, DeepSeekV3, LocalExperts};
 use pdserve_protocol::openai::SimMode;
 use pdserve_router::RouterConfig;
 use pdserve_router::config::SimulationConfig;
@@ -142,9 +143,10 @@ fn sim_mode(mode: Mode) -> SimMode {
     }
 }
 
-/// Where the default checkpoint is: the trained `models/tiny-v1` when it loads (looked up in the
-/// working directory, then in the repository the binary was built from), else the deterministic
-/// tiny model, created on first use in the cache directory.
+/// Where the default checkpoint is: the trained `models/tiny-v1` when it opens (its config and
+/// safetensors headers are valid; looked up in the working directory, then in the repository the
+/// binary was built from), else the deterministic tiny model, created on first use in the cache
+/// directory. No weight is read here: the instances load them.
 pub fn resolve_model(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(dir) = explicit {
         return Ok(dir.to_path_buf());
@@ -154,7 +156,7 @@ pub fn resolve_model(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         if !candidate.join("config.json").exists() {
             continue;
         }
-        match DeepSeekV3::load(&candidate, &candle_core::Device::Cpu) {
+        match Checkpoint::open(&candidate) {
             Ok(_) => return Ok(candidate.canonicalize().unwrap_or(candidate)),
             Err(e) => {
                 tracing::warn!(dir = %candidate.display(), error = %e, "models/tiny-v1 does not load; trying the next default")
@@ -165,21 +167,55 @@ pub fn resolve_model(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// The model's end-of-sequence ids (config and tokenizer).
-fn eos_ids(model_dir: &Path) -> anyhow::Result<Vec<u32>> {
-    let (model, _) = DeepSeekV3::load(model_dir, &candle_core::Device::Cpu)
-        .with_context(|| format!("loading {}", model_dir.display()))?;
+fn eos_ids(model_dir: &Path, model: &DeepSeekV3) -> Vec<u32> {
     let mut eos = model.config().eos_ids();
     if let Ok(tok) = pdserve_model::Tokenizer::from_dir(model_dir) {
         eos.extend(tok.eos_id());
     }
     eos.sort_unstable();
     eos.dedup();
-    Ok(eos)
+    eos
 }
 
-/// Builds the parts of a prefill (`phase = Prefill`) or decode instance.
+/// A checkpoint loaded once: the model, its routed experts and its end-of-sequence ids. The
+/// instances built from one [`LoadedModel`] share its weights (tensors are reference-counted and
+/// the model runs on `&self`), so `pdserve up` holds one copy for its prefill and decode instances.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    dir: PathBuf,
+    model: Arc<DeepSeekV3>,
+    experts: LocalExperts,
+    eos_token_ids: Vec<u32>,
+}
+
+impl LoadedModel {
+    /// Loads every weight of the checkpoint in `dir` on the CPU.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let (model, experts) = DeepSeekV3::load(dir, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading the model in {}", dir.display()))?;
+        Ok(Self {
+            eos_token_ids: eos_ids(dir, &model),
+            dir: dir.to_path_buf(),
+            model: Arc::new(model),
+            experts,
+        })
+    }
+}
+
+/// Builds the parts of a prefill (`phase = Prefill`) or decode instance, loading the model.
 pub fn build_parts(
     model_dir: &Path,
+    sim: &SimSection,
+    scheduler: &SchedulerConfig,
+    phase: Phase,
+) -> anyhow::Result<Parts> {
+    build_parts_from(&LoadedModel::load(model_dir)?, sim, scheduler, phase)
+}
+
+/// Builds the parts of a prefill or decode instance on an already loaded model (its weights are
+/// shared, not copied).
+pub fn build_parts_from(
+    loaded: &LoadedModel,
     sim: &SimSection,
     scheduler: &SchedulerConfig,
     phase: Phase,
@@ -197,8 +233,12 @@ pub fn build_parts(
         ..ClockConfig::default()
     })
     .map_err(|e| anyhow!("[sim]: {e}"))?;
-    let exec = ModelExecutor::load(model_dir, ExecutorConfig::for_scheduler(scheduler, ep_size))
-        .with_context(|| format!("loading the model in {}", model_dir.display()))?;
+    let exec = ModelExecutor::new(
+        loaded.model.clone(),
+        loaded.experts.clone(),
+        ExecutorConfig::for_scheduler(scheduler, ep_size),
+    )
+    .with_context(|| format!("building the executor of {}", loaded.dir.display()))?;
     clock
         .check_real_model(exec.model().config().n_routed_experts.unwrap_or(0))
         .map_err(|e| anyhow!("[sim] modeled_model: {e}"))?;
@@ -208,10 +248,11 @@ pub fn build_parts(
         modeled_model: sim.modeled_model.clone(),
         mode: sim_mode(sim.mode),
     };
+    let eos_token_ids = loaded.eos_token_ids.clone();
     Ok(EngineParts {
-        executor: ModelBackend::new(exec),
-        clock: FabricClock { step: clock, mtp },
-        eos_token_ids: eos_ids(model_dir)?,
+        executor: ModelBackend::new(exec, eos_token_ids.clone()),
+        clock: FabricClock::new(clock, mtp),
+        eos_token_ids,
         sim: Some(label),
     })
 }

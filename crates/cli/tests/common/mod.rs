@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a part of the harness")]
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex};
@@ -159,6 +160,24 @@ pub fn generate(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("generate's JSON: {e}: {last}"))
 }
 
+/// POSTs `body` as JSON; returns the status and the JSON answer.
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body read");
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON body ({e}): {text}"));
+    (status, v)
+}
+
 /// The SSE `data:` payloads of a response body, in order.
 pub fn sse_events(body: &str) -> Vec<String> {
     body.lines()
@@ -173,4 +192,164 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// An instance of a [`Cluster`].
+pub struct Instance {
+    /// Instance id from config/cluster-local.toml (`p0`, `p1`, `d0`, `d1`).
+    pub id: &'static str,
+    /// `prefill` or `decode`.
+    pub role: &'static str,
+    /// Base URL of its internal HTTP API.
+    pub url: String,
+    /// The process.
+    pub proc: Proc,
+}
+
+/// config/cluster-local.toml on free loopback ports, and the processes started from it.
+pub struct Cluster {
+    /// The config file (with free ports).
+    pub config: std::path::PathBuf,
+    text: String,
+    ports: Vec<(String, String)>,
+    /// Started instances (see [`Cluster::start`]).
+    pub instances: Vec<Instance>,
+}
+
+impl Cluster {
+    /// Writes the config (every loopback port replaced by a free one; `tag` names the file) and
+    /// starts p0, p1 (at `prefill_time_scale`), d0 and d1 (at `decode_time_scale`); returns once
+    /// every instance answers `/health`. No router yet: see [`Cluster::start_router`].
+    pub async fn start(tag: &str, prefill_time_scale: &str, decode_time_scale: &str) -> Cluster {
+        let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+        let mut text = std::fs::read_to_string(format!("{repo}/config/cluster-local.toml"))
+            .expect("config/cluster-local.toml");
+        let mut ports = Vec::new();
+        for port in ["8000", "8100", "8110", "8200", "8201", "8210", "8211"] {
+            let new = free_port().to_string();
+            text = text.replace(
+                &format!("127.0.0.1:{port}\""),
+                &format!("127.0.0.1:{new}\""),
+            );
+            ports.push((port.to_string(), new));
+        }
+        let config = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("cluster-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&config, &text).expect("writing the test config");
+        let cfg = config.to_str().expect("utf-8 path").to_string();
+        let mut instances = Vec::new();
+        for (role, id, port) in [
+            ("prefill", "p0", "8100"),
+            ("prefill", "p1", "8110"),
+            ("decode", "d0", "8200"),
+            ("decode", "d1", "8210"),
+        ] {
+            let scale = if role == "prefill" {
+                prefill_time_scale
+            } else {
+                decode_time_scale
+            };
+            let args = [
+                role,
+                "--config",
+                &cfg,
+                "--instance",
+                id,
+                "--time-scale",
+                scale,
+            ];
+            let mapped = &ports.iter().find(|(o, _)| o == port).expect("mapped").1;
+            instances.push(Instance {
+                id,
+                role,
+                url: format!("http://127.0.0.1:{mapped}"),
+                proc: Proc::start(&format!("{role} {id}"), &args),
+            });
+        }
+        for i in &mut instances {
+            wait_healthy(&mut i.proc, &format!("{}/health", i.url)).await;
+        }
+        Cluster {
+            config,
+            text,
+            ports,
+            instances,
+        }
+    }
+
+    /// The instance `id`.
+    pub fn instance(&mut self, id: &str) -> &mut Instance {
+        self.instances
+            .iter_mut()
+            .find(|i| i.id == id)
+            .unwrap_or_else(|| panic!("no instance `{id}`"))
+    }
+
+    /// Starts a router on a free port with the cluster's config, after `edit` (e.g. a policy
+    /// change) when given, and `args`; returns it and its base URL once `/health` answers 200.
+    pub async fn start_router(
+        &self,
+        edit: Option<&dyn Fn(&str) -> String>,
+        args: &[&str],
+    ) -> (Proc, String) {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let path = match edit {
+            None => self.config.clone(),
+            Some(f) => {
+                let path = self.config.with_extension(format!("{}.toml", free_port()));
+                std::fs::write(&path, f(&self.text)).expect("writing the router config");
+                path
+            }
+        };
+        let cfg = path.to_str().expect("utf-8 path");
+        let mut all = vec!["router", "--config", cfg, "--listen", &listen];
+        all.extend_from_slice(args);
+        let mut router = Proc::start("router", &all);
+        router.wait_line("listening on http://", START_TIMEOUT);
+        let url = format!("http://{listen}");
+        wait_healthy(&mut router, &format!("{url}/health")).await;
+        (router, url)
+    }
+
+    /// The router URL of the unedited config.
+    pub fn router_url(&self) -> String {
+        let port = &self
+            .ports
+            .iter()
+            .find(|(o, _)| o == "8000")
+            .expect("mapped")
+            .1;
+        format!("http://127.0.0.1:{port}")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// An instance's `/internal/stats`.
+pub async fn instance_stats(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client
+        .get(format!("{url}/internal/stats"))
+        .send()
+        .await
+        .expect("stats request")
+        .json()
+        .await
+        .expect("stats JSON")
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes (then panics with `what`).
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -157,7 +157,7 @@ pub enum BenchError {
     /// The step protocol failed.
     #[error(transparent)]
     Step(#[from] StepError),
-    /// The executor failed a step.
+    /// A step failed: the executor's error, or `clock: …` when the fabric could not price it.
     #[error("a step failed: {0}")]
     StepFailed(String),
     /// The pacer refused the time scale.

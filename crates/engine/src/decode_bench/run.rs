@@ -256,7 +256,7 @@ fn measure<X: ExpertBackend>(
         let start = (time.now_ns)();
         let r = driver.step(start, time.now_ns)?;
         warmup_steps += 1;
-        check_step(&r.error, driver.clock_mut().take_error())?;
+        check_step(&r.error)?;
         if r.num_prefill_tokens == 0 && driver.state().stats().num_waiting == 0 {
             break;
         }
@@ -279,7 +279,7 @@ fn measure<X: ExpertBackend>(
         }
         let start = (time.now_ns)();
         let r = driver.step(start, time.now_ns)?;
-        check_step(&r.error, driver.clock_mut().take_error())?;
+        check_step(&r.error)?;
         (time.sleep_ns)(r.pace.wait_ns);
         sim_ns += r.sim_ns;
         real_ns += r.real_ns;
@@ -386,14 +386,8 @@ fn warmup_limit(config: &DecodeBenchConfig) -> usize {
     config.num_requests() * config.workload.prompt_tokens / PREFILL_BUDGET_TOKENS + 16
 }
 
-fn check_step(
-    exec_error: &Option<String>,
-    clock_error: Option<crate::clock::ClockError>,
-) -> Result<(), BenchError> {
-    if let Some(e) = clock_error {
-        return Err(e.into());
-    }
-    match exec_error {
+fn check_step(error: &Option<String>) -> Result<(), BenchError> {
+    match error {
         Some(message) => Err(BenchError::StepFailed(message.clone())),
         None => Ok(()),
     }

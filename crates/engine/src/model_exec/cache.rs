@@ -12,6 +12,10 @@
 //! Invariants: only sequences registered for this forward are visible (others read as length 0 and
 //! refuse appends); an append writes rows `len..len + n` and advances `len` by `n`; a read returns
 //! rows `0..len`.
+//!
+//! The forward uses the row methods (`append_rows`, `read_into`): rows go from the caller's host
+//! slices straight into the blocks and from the blocks straight into the caller's buffers, with no
+//! tensor or intermediate vector in between. `append` / `read` (tensors) delegate to them.
 
 use std::collections::HashMap;
 
@@ -71,6 +75,14 @@ impl<'a, S: LatentStore> PagedCache<'a, S> {
     }
 }
 
+impl<S: LatentStore> PagedCache<'_, S> {
+    fn view(&self, seq: SeqId) -> pdserve_model::Result<&View<'_>> {
+        self.views
+            .get(&seq)
+            .ok_or_else(|| ModelError::Cache(format!("sequence {seq} is not part of this step")))
+    }
+}
+
 impl<S: LatentStore> LatentCache for PagedCache<'_, S> {
     fn len(&self, seq: SeqId, layer: usize) -> usize {
         self.views
@@ -87,6 +99,41 @@ impl<S: LatentStore> LatentCache for PagedCache<'_, S> {
         c_kv: &Tensor,
         k_rope: &Tensor,
     ) -> pdserve_model::Result<()> {
+        let c: Vec<f32> = c_kv.flatten_all()?.to_vec1()?;
+        let k: Vec<f32> = k_rope.flatten_all()?.to_vec1()?;
+        self.append_rows(seq, layer, c_kv.dim(0)?, &c, &k)
+    }
+
+    fn read(&self, seq: SeqId, layer: usize) -> pdserve_model::Result<(Tensor, Tensor)> {
+        let len = self.view(seq)?.lens.get(layer).copied().unwrap_or(0);
+        let shape = self.store.shape();
+        let mut c = vec![0.0; len * shape.kv_lora_rank];
+        let mut k = vec![0.0; len * shape.rope_dim];
+        self.read_into(seq, layer, &mut c, &mut k)?;
+        let c = Tensor::from_vec(c, (len, shape.kv_lora_rank), &self.device)?;
+        let k = Tensor::from_vec(k, (len, shape.rope_dim), &self.device)?;
+        Ok((c, k))
+    }
+
+    fn append_rows(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        n: usize,
+        c_kv: &[f32],
+        k_rope: &[f32],
+    ) -> pdserve_model::Result<()> {
+        let shape = self.store.shape();
+        if c_kv.len() != n * shape.kv_lora_rank || k_rope.len() != n * shape.rope_dim {
+            return Err(ModelError::Cache(format!(
+                "sequence {seq}: append of {n} rows from {} c_kv and {} k_rope values (widths {} \
+                 and {})",
+                c_kv.len(),
+                k_rope.len(),
+                shape.kv_lora_rank,
+                shape.rope_dim
+            )));
+        }
         let view = self
             .views
             .get_mut(&seq)
@@ -97,30 +144,36 @@ impl<S: LatentStore> LatentCache for PagedCache<'_, S> {
                 view.lens.len()
             ))
         })?;
-        let c: Vec<f32> = c_kv.flatten_all()?.to_vec1()?;
-        let k: Vec<f32> = k_rope.flatten_all()?.to_vec1()?;
-        let n = c_kv.dim(0)?;
         self.store
-            .write_rows(view.table, layer, start, &c, &k)
+            .write_rows(view.table, layer, start, c_kv, k_rope)
             .map_err(|e| cache_err(seq, e))?;
         view.lens[layer] = start + n;
         Ok(())
     }
 
-    fn read(&self, seq: SeqId, layer: usize) -> pdserve_model::Result<(Tensor, Tensor)> {
-        let view = self
-            .views
-            .get(&seq)
-            .ok_or_else(|| ModelError::Cache(format!("sequence {seq} is not part of this step")))?;
+    fn read_into(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        c_kv: &mut [f32],
+        k_rope: &mut [f32],
+    ) -> pdserve_model::Result<()> {
+        let view = self.view(seq)?;
         let len = view.lens.get(layer).copied().unwrap_or(0);
-        let rows = self
-            .store
-            .gather(view.table, layer, len)
-            .map_err(|e| cache_err(seq, e))?;
         let shape = self.store.shape();
-        let c = Tensor::from_vec(rows.c_kv, (len, shape.kv_lora_rank), &self.device)?;
-        let k = Tensor::from_vec(rows.k_rope, (len, shape.rope_dim), &self.device)?;
-        Ok((c, k))
+        if c_kv.len() != len * shape.kv_lora_rank || k_rope.len() != len * shape.rope_dim {
+            return Err(ModelError::Cache(format!(
+                "read of sequence {seq} layer {layer} into buffers of {} and {} values; it holds \
+                 {len} rows of widths {} and {}",
+                c_kv.len(),
+                k_rope.len(),
+                shape.kv_lora_rank,
+                shape.rope_dim
+            )));
+        }
+        self.store
+            .gather_into_slices(view.table, layer, c_kv, k_rope)
+            .map_err(|e| cache_err(seq, e))
     }
 }
 
@@ -205,5 +258,30 @@ mod tests {
             cache.append(9, 0, &rows(&[1.0], 3), &rows(&[1.0], 2)),
             Err(ModelError::Cache(_))
         ));
+    }
+
+    #[test]
+    fn row_methods_equal_the_tensor_methods() {
+        let mut pool = BlockPool::new(4);
+        pool.reserve(RequestId(3), 130).unwrap();
+        let table = pool.table(RequestId(3)).to_vec();
+        let mut store = CpuLatentStore::new(SHAPE, 4).unwrap();
+        let mut cache = PagedCache::new(&mut store, &Device::Cpu);
+        cache.register(3, &table, 0..2, 0);
+        let c: Vec<f32> = (0..130 * 3).map(|i| i as f32).collect();
+        let k: Vec<f32> = (0..130 * 2).map(|i| -(i as f32)).collect();
+        cache.append_rows(3, 1, 130, &c, &k).unwrap();
+        assert_eq!(cache.len(3, 1), 130);
+        let (mut c_out, mut k_out) = (vec![0.0; 130 * 3], vec![0.0; 130 * 2]);
+        cache.read_into(3, 1, &mut c_out, &mut k_out).unwrap();
+        assert_eq!((&c_out, &k_out), (&c, &k));
+        let (ct, kt) = cache.read(3, 1).unwrap();
+        assert_eq!(ct.flatten_all().unwrap().to_vec1::<f32>().unwrap(), c);
+        assert_eq!(kt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), k);
+        // Wrong sizes are errors, never panics.
+        assert!(cache.append_rows(3, 1, 2, &c[..5], &k[..4]).is_err());
+        let (mut short, mut k_out) = (vec![0.0; 3], vec![0.0; 2]);
+        assert!(cache.read_into(3, 1, &mut short, &mut k_out).is_err());
+        assert!(cache.read_into(4, 1, &mut [], &mut []).is_err());
     }
 }

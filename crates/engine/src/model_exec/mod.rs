@@ -9,8 +9,12 @@
 //!    them): prefill chunks from their `start_pos`, decodes as `[input]` or `[input, draft]`, all
 //!    through a [`LatentCache`](pdserve_model::LatentCache) view of the store whose lengths follow the
 //!    plan's positions (so a rejected draft's row is overwritten, never read);
-//! 4. samples each request with its own seeded [`Sampler`] (created on first sight, kept across
-//!    preemption), so a seeded request gives the same tokens whatever the batch around it;
+//! 4. samples each request with its own seeded [`Sampler`] (created on first sight): the token at
+//!    output index `k` (the plan item's `num_output_tokens`, plus one after an accepted draft)
+//!    uses draw `k` of the request's seed, so a seeded request gives the same tokens whatever the
+//!    batch around it, after a preemption, and when a prefill instance sampled index 0 and a
+//!    decode instance continues at index 1; while `k < min_tokens` the parameters'
+//!    `suppressed_token_ids` (EOS and stop ids) are masked;
 //! 5. verifies drafts ([`crate::spec`]): greedy drafts by sampling the target token and comparing
 //!    (exact, and token-identical to decoding without MTP under a seed); sampled drafts by the
 //!    standard rule `min(1, p(d)/q(d))` with residual resampling;
@@ -177,6 +181,14 @@ pub trait ExpertBackend: MoeExperts {
     /// The placement of every MoE layer (main layers in order, then the MTP layer) in the fabric's
     /// form, when this backend decides where experts live; `None`: the clock's own placement.
     fn fabric_placements(&self) -> Result<Option<Vec<FabricPlacement>>, ModelError>;
+
+    /// After [`ExpertBackend::end_step`]: the GPU that served each (token row, expert) pair of the
+    /// step, one vector per MoE layer (main layers, then the MTP layer), rows in the order the
+    /// forwards gave them, when this backend moved the rows; `None` (the default): the clock
+    /// chooses replicas itself.
+    fn served_gpus(&self) -> Result<Option<Vec<Vec<u32>>>, ModelError> {
+        Ok(None)
+    }
 }
 
 impl ExpertBackend for LocalExperts {
@@ -206,6 +218,10 @@ impl ExpertBackend for EpGroup {
 
     fn fabric_placements(&self) -> Result<Option<Vec<FabricPlacement>>, ModelError> {
         Ok(Some(EpGroup::fabric_placements(self)?))
+    }
+
+    fn served_gpus(&self) -> Result<Option<Vec<Vec<u32>>>, ModelError> {
+        Ok(Some(self.last_step_served_ranks()))
     }
 }
 
@@ -469,7 +485,7 @@ impl<X: ExpertBackend> ModelExecutor<X> {
             let fallback =
                 SplitMix64::new(self.config.seed ^ id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15))
                     .next_u64();
-            let sampler = Sampler::new(*params, fallback).ok()?;
+            let sampler = Sampler::new(params.clone(), fallback).ok()?;
             let base = params.seed.unwrap_or(fallback);
             let rank = self.ranks.assign(id);
             self.seqs.insert(

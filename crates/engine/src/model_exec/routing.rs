@@ -46,6 +46,11 @@ pub struct StepRouting {
     /// The expert placement the step ran with, one per MoE layer (main layers, then the MTP
     /// layer), when the expert backend decides it (the EP runtime); `None`: the clock's own.
     pub placements: Option<Vec<pdserve_fabric::ExpertPlacement>>,
+    /// The GPU that served each (row, expert) pair, one vector per MoE layer (main layers, then
+    /// the MTP layer), `top_k` per row in the order of `layers` / `mtp`, when the expert backend
+    /// moved the rows (the EP runtime's replica choices, in `placements`); `None`: the clock
+    /// chooses replicas itself.
+    pub served_gpus: Option<Vec<Vec<u32>>>,
 }
 
 impl StepRouting {

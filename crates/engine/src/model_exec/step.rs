@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
+use pdserve_model::sampling::token_logprobs;
 use pdserve_model::{ForwardOptions, LogitsWanted, SamplingParams, SequenceInput};
 
 use super::cache::PagedCache;
@@ -20,8 +21,7 @@ use crate::executor::{SeqOutput, StepOutputs};
 use crate::plan::{DecodeItem, PrefillChunk, StepPlan};
 use crate::sequence::{RequestId, TokenId};
 use crate::spec::{
-    argmax, logprob_of, sample_index, target_probs, verify_point_mass,
-    verify_with_draft_distribution,
+    argmax, sample_index, target_probs, verify_point_mass, verify_with_draft_distribution,
 };
 
 /// One sequence's work in the step.
@@ -42,6 +42,13 @@ impl<'p> Work<'p> {
         match self {
             Work::Prefill(c) => &c.params,
             Work::Decode(d) => &d.params,
+        }
+    }
+    /// Output index of the first token this item samples (its draw index).
+    fn output_index(&self) -> usize {
+        match self {
+            Work::Prefill(c) => c.num_output_tokens,
+            Work::Decode(d) => d.num_output_tokens,
         }
     }
     fn micro_batch(&self) -> u8 {
@@ -144,6 +151,7 @@ impl<X: ExpertBackend> ModelExecutor<X> {
         }
         if ran {
             self.experts.end_step()?;
+            routing.served_gpus = self.experts.served_gpus()?;
         }
         Ok(StepOutputs {
             seqs: outputs,
@@ -220,18 +228,13 @@ impl<X: ExpertBackend> ModelExecutor<X> {
             let rows: Vec<&[f32]> = rows_of[b].iter().map(|&r| logits[r].as_slice()).collect();
             let result = match w {
                 Work::Prefill(c) if !c.samples => None,
-                Work::Prefill(c) => Some(self.sample_one(c.id, &c.params, &rows)?),
+                Work::Prefill(c) => Some(self.sample_one(c, &rows)?),
                 Work::Decode(d) => Some(self.verify_decode(d, &rows)?),
             };
             match result {
-                Some((tokens, logprobs)) => {
-                    outputs.push(SeqOutput {
-                        id: w.id(),
-                        tokens: tokens.clone(),
-                        logprobs,
-                        draft: None,
-                    });
-                    emitted.push(Some(tokens));
+                Some(out) => {
+                    emitted.push(Some(out.tokens.clone()));
+                    outputs.push(out);
                 }
                 None => emitted.push(None),
             }
@@ -246,37 +249,34 @@ impl<X: ExpertBackend> ModelExecutor<X> {
         Ok(())
     }
 
-    /// Samples the first token after a prefill.
+    /// Samples the token after a prefill's last chunk (output index `num_output_tokens`).
     fn sample_one(
         &mut self,
-        id: RequestId,
-        params: &SamplingParams,
+        c: &PrefillChunk<SamplingParams>,
         rows: &[&[f32]],
-    ) -> Result<(Vec<TokenId>, Vec<f32>), ExecError> {
+    ) -> Result<SeqOutput, ExecError> {
         let row = rows
             .last()
             .copied()
-            .ok_or_else(|| internal(id, "no logits for a sampling chunk"))?;
+            .ok_or_else(|| internal(c.id, "no logits for a sampling chunk"))?;
         let seq = self
             .seqs
-            .get_mut(&id)
-            .ok_or_else(|| internal(id, "no state"))?;
-        let t = seq.sampler.sample(row)?;
-        let logprobs = if params.logprobs.is_some() {
-            vec![logprob_of(row, t.id)]
-        } else {
-            Vec::new()
-        };
-        Ok((vec![t.id], logprobs))
+            .get(&c.id)
+            .ok_or_else(|| internal(c.id, "no state"))?;
+        let t = seq.sampler.sample_at(row, c.num_output_tokens)?;
+        Ok(seq_output(c.id, &c.params, &[(t.id, row)]))
     }
 
-    /// Verifies a decode's draft (if any) and returns the accepted tokens.
+    /// Verifies a decode's draft (if any) and returns the accepted tokens. The token at output
+    /// index `k` is sampled with draw `k` (`k = num_output_tokens` for the input position, `k + 1`
+    /// after an accepted draft).
     fn verify_decode(
         &mut self,
         d: &DecodeItem<SamplingParams>,
         rows: &[&[f32]],
-    ) -> Result<(Vec<TokenId>, Vec<f32>), ExecError> {
+    ) -> Result<SeqOutput, ExecError> {
         let mode = self.config.draft;
+        let k = d.num_output_tokens;
         let seq = self
             .seqs
             .get_mut(&d.id)
@@ -285,15 +285,15 @@ impl<X: ExpertBackend> ModelExecutor<X> {
             .first()
             .ok_or_else(|| internal(d.id, "no logits for a decode"))?;
         let tokens = match d.draft_token {
-            None => vec![seq.sampler.sample(first)?.id],
+            None => vec![(seq.sampler.sample_at(first, k)?.id, first)],
             Some(draft) => {
                 let verdict = match (mode, seq.draft_q.take()) {
                     (DraftMode::Sample, Some(q)) => {
-                        let p = target_probs(first, &d.params);
+                        let p = target_probs(&d.params.masked_logits(first, k), &d.params);
                         let (ua, ur) = (seq.spec_rng.uniform(), seq.spec_rng.uniform());
                         verify_with_draft_distribution(&p, &q, draft, ua, ur)
                     }
-                    _ => verify_point_mass(first, draft, &mut seq.sampler)?.0,
+                    _ => verify_point_mass(first, draft, &seq.sampler, k)?.0,
                 };
                 self.stats.drafts_verified_total += 1;
                 if verdict.is_accepted() {
@@ -303,22 +303,14 @@ impl<X: ExpertBackend> ModelExecutor<X> {
                     let second = *rows
                         .get(1)
                         .ok_or_else(|| internal(d.id, "no logits after the draft"))?;
-                    vec![draft, seq.sampler.sample(second)?.id]
+                    let bonus = seq.sampler.sample_at(second, k + 1)?.id;
+                    vec![(draft, first), (bonus, second)]
                 } else {
-                    vec![verdict.token(draft)]
+                    vec![(verdict.token(draft), first)]
                 }
             }
         };
-        let logprobs = if d.params.logprobs.is_some() {
-            tokens
-                .iter()
-                .zip(rows)
-                .map(|(&t, row)| logprob_of(row, t))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok((tokens, logprobs))
+        Ok(seq_output(d.id, &d.params, &tokens))
     }
 
     /// The MTP inputs of `group` (see the module docs), updating pending hidden states.
@@ -481,37 +473,60 @@ impl<X: ExpertBackend> ModelExecutor<X> {
             let Some(&r) = last_row.get(&b) else {
                 continue;
             };
+            let Some(&k) = out_index.get(&id) else {
+                continue;
+            };
+            // The draft proposes the token after the last emitted one.
+            let index = group[m.item].output_index() + outputs[k].tokens.len();
             let params = group[m.item].params();
-            let draft = self.draft_from(id, params, &logits[r])?;
-            if let Some(&k) = out_index.get(&id) {
-                outputs[k].draft = Some(draft);
-            }
+            outputs[k].draft = Some(self.draft_from(id, params, &logits[r], index)?);
         }
         routing.push_mtp(out.routing, n_rows);
         Ok(())
     }
 
-    /// The draft token from MTP logits.
+    /// The draft token for output index `index` from MTP logits (under the `min_tokens` mask, as
+    /// the target token will be).
     fn draft_from(
         &mut self,
         id: RequestId,
         params: &SamplingParams,
         logits: &[f32],
+        index: usize,
     ) -> Result<TokenId, ExecError> {
         let seq = self
             .seqs
             .get_mut(&id)
             .ok_or_else(|| internal(id, "no state"))?;
+        let logits = params.masked_logits(logits, index);
         match self.config.draft {
-            DraftMode::Greedy => Ok(argmax(logits) as TokenId),
+            DraftMode::Greedy => Ok(argmax(&logits) as TokenId),
             DraftMode::Sample => {
-                let q = target_probs(logits, params);
+                let q = target_probs(&logits, params);
                 let d = sample_index(&q, seq.spec_rng.uniform()).unwrap_or(0) as TokenId;
                 seq.draft_q = Some(q);
                 Ok(d)
             }
         }
     }
+}
+
+/// The output of `id` for `tokens` (each with the logits row it was sampled from), with logprobs
+/// of the unmodified rows when `params` asks for them.
+fn seq_output(id: RequestId, params: &SamplingParams, tokens: &[(TokenId, &[f32])]) -> SeqOutput {
+    let mut out = SeqOutput {
+        id,
+        tokens: tokens.iter().map(|(t, _)| *t).collect(),
+        ..SeqOutput::default()
+    };
+    if params.logprobs.is_some() {
+        for &(t, row) in tokens {
+            let lp = token_logprobs(row, t, params.logprobs);
+            out.logprobs.push(lp.logprob.unwrap_or(f32::NEG_INFINITY));
+            out.top_logprobs.push(lp.top_logprobs);
+        }
+    }
+    out
 }
 
 fn internal(id: RequestId, problem: &str) -> ExecError {

@@ -185,7 +185,9 @@ pub fn add<X: ExpertBackend>(driver: &mut Driver<X>, reqs: &[Req]) {
         };
         driver
             .state_mut()
-            .add_request(Request::new(RequestId(r.id), r.prompt.clone(), r.params).with_stop(stop))
+            .add_request(
+                Request::new(RequestId(r.id), r.prompt.clone(), r.params.clone()).with_stop(stop),
+            )
             .expect("request admitted");
     }
 }
@@ -206,7 +208,7 @@ pub fn finish<X: ExpertBackend>(mut driver: Driver<X>) -> Run {
             })
             .expect("step");
         assert_eq!(report.error, None, "step {} failed", report.step_id);
-        assert!(driver.clock_mut().take_error().is_none());
+        assert_eq!(driver.clock().errors_total(), 0);
         for u in &report.updates {
             tokens.entry(u.id.0).or_default().extend(&u.tokens);
         }

@@ -202,7 +202,7 @@ impl EpGroup {
             hidden: model.hidden_size,
             inter: moe.expert_intermediate,
         };
-        let ranks = load_ranks(ckpt, &placements, &moe_layers, shape, device)?;
+        let ranks = load_ranks(ckpt, &placements, &moe_layers, device)?;
         let d = config.placement.num_ranks;
         let row_bytes = (shape.hidden * 4) as u64;
         let stats = rebalancer.new_stats(moe_layers.len())?;
@@ -427,6 +427,20 @@ impl EpGroup {
     /// The traffic of the last finished step, per MoE layer.
     pub fn last_step_traffic(&self) -> StepTraffic {
         self.state.lock().last.clone()
+    }
+
+    /// The rank that served each (token, expert) pair of the last finished step, per MoE layer
+    /// (model order, the MTP layer last; empty for a layer that did not run): each layer's
+    /// [`LayerTraffic::served_ranks`], rows in the order the forwards gave them, without copying
+    /// the matrices.
+    pub fn last_step_served_ranks(&self) -> Vec<Vec<u32>> {
+        let state = self.state.lock();
+        state
+            .last
+            .layers
+            .iter()
+            .map(|l| l.served_ranks.clone())
+            .collect()
     }
 
     /// The windowed expert load (also the load file's content: [`ExpertLoad::write`]).

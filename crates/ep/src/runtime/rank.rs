@@ -33,24 +33,16 @@ pub(crate) struct ExpertWeights {
 }
 
 impl ExpertWeights {
-    /// Loads expert `expert` of layer `layer` (`model.layers.{layer}.mlp.experts.{expert}.*`),
-    /// the same tensors and layout as [`ExpertBank::load`].
+    /// Loads expert `expert` of layer `layer` with the model's own loader
+    /// ([`ExpertBank::load_expert`]: the tensors and layout of [`ExpertBank::load`]).
     fn load(
         ckpt: &Checkpoint,
         layer: usize,
         expert: u32,
-        shape: ExpertShape,
         device: &Device,
     ) -> Result<Self, EpRuntimeError> {
-        let ExpertShape { hidden, inter } = shape;
-        let p = format!("model.layers.{layer}.mlp.experts.{expert}");
-        let gate = ckpt.load_f32(&format!("{p}.gate_proj.weight"), &[inter, hidden], device)?;
-        let up = ckpt.load_f32(&format!("{p}.up_proj.weight"), &[inter, hidden], device)?;
-        let down = ckpt.load_f32(&format!("{p}.down_proj.weight"), &[hidden, inter], device)?;
-        Ok(Self {
-            gate_up: Tensor::cat(&[gate, up], 0)?.t()?.contiguous()?,
-            down: down.t()?.contiguous()?,
-        })
+        let (gate_up, down) = ExpertBank::load_expert(ckpt, layer, expert, device)?;
+        Ok(Self { gate_up, down })
     }
 
     /// A copy in new storage (a transfer to another rank).
@@ -168,7 +160,6 @@ pub(crate) fn load_ranks(
     ckpt: &Checkpoint,
     placements: &[ExpertPlacement],
     moe_layers: &[usize],
-    shape: ExpertShape,
     device: &Device,
 ) -> Result<Vec<EpRank>, EpRuntimeError> {
     let num_ranks = placements.first().map_or(0, ExpertPlacement::num_ranks);
@@ -182,7 +173,7 @@ pub(crate) fn load_ranks(
         for (rank, ep_rank) in ranks.iter_mut().enumerate() {
             let mut weights = BTreeMap::new();
             for id in experts_of_rank(placement, rank) {
-                weights.insert(id, ExpertWeights::load(ckpt, layer, id, shape, device)?);
+                weights.insert(id, ExpertWeights::load(ckpt, layer, id, device)?);
             }
             ep_rank.layers.push(RankLayer::from_weights(
                 placement.physical_on_rank(rank),

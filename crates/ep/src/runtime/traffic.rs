@@ -12,7 +12,10 @@
 //!   pair moves exactly once each way;
 //! - `combine` is the transpose of `dispatch` (rows and pairs): every row sent comes back;
 //! - `dispatch.total_rows()` = Σ over tokens of the distinct ranks its experts were served on;
-//! - bytes at the real shape are `rows × row_bytes`, `row_bytes = hidden × 4` (f32 rows).
+//! - bytes at the real shape are `rows × row_bytes`, `row_bytes = hidden × 4` (f32 rows);
+//! - `served_ranks` names the rank each (token, expert) pair was dispatched to: counted per
+//!   (`source_ranks[row]`, served rank) they are `dispatch.pairs`, and the distinct served ranks
+//!   of each token are its `dispatch.rows`.
 //!
 //! The fabric charges time at the *modeled* shape: [`DispatchMatrix`] gives it row and pair
 //! counts, which it multiplies by its own bytes per row (FP8 dispatch, BF16 combine at hidden
@@ -180,6 +183,12 @@ pub struct LayerTraffic {
     /// Logical expert ids of each source rank's tokens, `top_k` per token, in the order the
     /// tokens appeared (forward by forward, row by row): the fabric's `LayerRouting` input.
     pub routing_by_rank: Vec<Vec<u32>>,
+    /// Source rank of every token row, forward by forward (in the order the forwards reached the
+    /// group), row by row within a forward.
+    pub source_ranks: Vec<u32>,
+    /// The rank each (token, expert) pair was dispatched to (the replica chosen), rows ordered as
+    /// `source_ranks`, `top_k` per row in the routing's order.
+    pub served_ranks: Vec<u32>,
 }
 
 impl LayerTraffic {
@@ -195,6 +204,8 @@ impl LayerTraffic {
             combine: DispatchMatrix::new(num_ranks),
             shared: DispatchMatrix::new(num_ranks),
             routing_by_rank: vec![Vec::new(); num_ranks],
+            source_ranks: Vec::new(),
+            served_ranks: Vec::new(),
         }
     }
 
@@ -225,6 +236,8 @@ impl LayerTraffic {
         for (a, b) in self.routing_by_rank.iter_mut().zip(&other.routing_by_rank) {
             a.extend_from_slice(b);
         }
+        self.source_ranks.extend_from_slice(&other.source_ranks);
+        self.served_ranks.extend_from_slice(&other.served_ranks);
     }
 }
 

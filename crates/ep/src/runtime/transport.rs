@@ -114,6 +114,8 @@ pub(crate) fn plan_dispatch(
     let mut recv_pair_counts: Vec<Vec<u32>> = vec![Vec::new(); d];
     let mut traffic = LayerTraffic::new(layer, d, k, row_bytes);
     traffic.calls = 1;
+    traffic.source_ranks = tokens.ranks.clone();
+    traffic.served_ranks = vec![0; n * k];
     // `stamp[dst]` = the token whose row `dst` received last; `slot[dst]` its receive index.
     let mut stamp = vec![u32::MAX; d];
     let mut slot = vec![0u32; d];
@@ -123,9 +125,10 @@ pub(crate) fn plan_dispatch(
         let index = tokens.index_in_rank[t] as usize;
         let ids = &routing.ids[t * k..(t + 1) * k];
         let weights = &routing.weights[t * k..(t + 1) * k];
-        for (&expert, &weight) in ids.iter().zip(weights) {
+        for (j, (&expert, &weight)) in ids.iter().zip(weights).enumerate() {
             let physical = placement.select_replica(expert as usize, index, src)?;
             let dst = physical / per_rank;
+            traffic.served_ranks[t * k + j] = dst as u32;
             let new_row = stamp[dst] != row;
             if new_row {
                 stamp[dst] = row;
