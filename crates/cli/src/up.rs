@@ -61,6 +61,14 @@ pub struct Args {
     mtp: Option<bool>,
 }
 
+/// `pdserve up`'s defaults: config/pdserve.toml, compiled in (so `pdserve up --config
+/// config/pdserve.toml` runs exactly what `pdserve up` runs).
+const UP_DEFAULTS_TOML: &str = include_str!("../../../config/pdserve.toml");
+
+fn up_defaults() -> anyhow::Result<ClusterFile> {
+    toml::from_str(UP_DEFAULTS_TOML).context("parsing the built-in defaults (config/pdserve.toml)")
+}
+
 fn parse_mode(s: &str) -> Result<Mode, String> {
     match s {
         "detailed" => Ok(Mode::Detailed),
@@ -72,7 +80,10 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 /// Runs `pdserve up`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     services::init_tracing();
-    let mut file = ClusterFile::load_or_default(args.config.as_deref())?;
+    let mut file = match args.config.as_deref() {
+        Some(path) => ClusterFile::load(path)?,
+        None => up_defaults()?,
+    };
     if let Some(h) = args.hardware {
         file.sim.hardware = h;
     }
@@ -230,6 +241,14 @@ async fn serve_all(plan: UpPlan) -> anyhow::Result<()> {
     println!(
         "  decode       {} at http://{decode_addr}, KV {kv_addr} (EP{})",
         decode.instance_id, sim.decode_ep_size
+    );
+    let on = |b: bool| if b { "on" } else { "off" };
+    println!(
+        "  engine       MTP {} (draft tokens per step: {}), two-batch overlap prefill {} / decode {}",
+        on(decode.engine.scheduler.spec_tokens > 0),
+        decode.engine.scheduler.spec_tokens,
+        on(prefill.engine.scheduler.two_batch_overlap.is_some()),
+        on(decode.engine.scheduler.two_batch_overlap.is_some()),
     );
     println!("  try          curl http://{public_addr}/v1/models");
     let served = pdserve_router::serve_state(state, public, services::shutdown_signal()).await;

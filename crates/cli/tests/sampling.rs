@@ -10,37 +10,11 @@ use serde_json::{Value, json};
 
 const PROMPT: &str = "And God said, Let there be light";
 
-/// config/pdserve.toml with MTP (`spec_tokens = 1`) on the prefill and the decode instance.
-fn mtp_config() -> std::path::PathBuf {
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let text = std::fs::read_to_string(format!("{repo}/config/pdserve.toml"))
-        .expect("config/pdserve.toml");
-    let mut edited = text;
-    for section in [
-        "[prefill.prefill-0.engine.scheduler]\n",
-        "[decode.decode-0.engine.scheduler]\n",
-    ] {
-        edited = edited.replace(section, &format!("{section}spec_tokens = 1\n"));
-    }
-    assert_eq!(edited.matches("spec_tokens = 1").count(), 2, "{edited}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("pdserve-mtp-{}.toml", std::process::id()));
-    std::fs::write(&path, edited).expect("writing the MTP config");
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_logprobs_and_min_tokens_hold_across_prefill_and_decode() {
-    let mtp = mtp_config();
-    for config in [None, Some(mtp.to_str().expect("utf-8 path"))] {
-        let mut args = vec!["--time-scale", "0"];
-        args.extend(config.map(|c| ["--config", c]).into_iter().flatten());
-        let (mut up, base, dir) = Proc::up(&args).await;
-        let what = if config.is_some() {
-            "MTP on"
-        } else {
-            "MTP off"
-        };
+    for mtp in ["false", "true"] {
+        let (mut up, base, dir) = Proc::up(&["--time-scale", "0", "--mtp", mtp]).await;
+        let what = if mtp == "true" { "MTP on" } else { "MTP off" };
         let client = reqwest::Client::new();
         seeded_sampling_equals_the_model_alone(&client, &base, &dir, what).await;
         every_token_has_its_top_logprobs(&client, &base, what).await;
@@ -51,7 +25,6 @@ async fn seeds_logprobs_and_min_tokens_hold_across_prefill_and_decode() {
             up.stderr()
         );
     }
-    let _ = std::fs::remove_file(&mtp);
 }
 
 async fn seeded_sampling_equals_the_model_alone(
