@@ -190,6 +190,8 @@ async fn serve_all(plan: UpPlan) -> anyhow::Result<()> {
     }];
     router.validate().map_err(|e| anyhow!("{e}"))?;
 
+    let prefill_experts = services::describe_experts(&prefill_parts);
+    let decode_experts = services::describe_experts(&decode_parts);
     let (stop_instances, instances_rx) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -241,6 +243,10 @@ async fn serve_all(plan: UpPlan) -> anyhow::Result<()> {
     println!(
         "  decode       {} at http://{decode_addr}, KV {kv_addr} (EP{})",
         decode.instance_id, sim.decode_ep_size
+    );
+    println!(
+        "  experts      prefill {} / decode {}",
+        prefill_experts, decode_experts
     );
     let on = |b: bool| if b { "on" } else { "off" };
     println!(

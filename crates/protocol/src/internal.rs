@@ -278,6 +278,12 @@ pub struct InstanceStats {
     /// Context length the instance accepts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<u32>,
+    /// Layers of the latent KV the instance caches: what a prefill instance pushes in its KV
+    /// frames (`shape.layers`) and what a decode instance requires of them. An MTP layer
+    /// (`engine.scheduler.spec_tokens` > 0) counts, so the router compares this across a prefill /
+    /// decode pair before pairing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_layers: Option<u32>,
     /// What the instance simulates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sim: Option<SimInfo>,
@@ -349,6 +355,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.kv_addr, None);
+        assert_eq!(s.kv_layers, None);
         assert_eq!(s.role, Role::Decode);
     }
 }

@@ -346,7 +346,9 @@ pub const ROUTER_RETRIES_TOTAL: MetricDef = counter(
     "retries",
     &["role", "reason"],
     "Legs retried on another instance (prefill: before decode committed; decode: opening the \
-     stream), by role and reason: connect, timeout, status_5xx, status_4xx, protocol.",
+     stream), by role and reason: connect, timeout, status_5xx, status_4xx, protocol; and, for \
+     prefill, kv_invalid, kv_timeout (decode reported the KV push failed before its first token: \
+     the pair is retried with a fresh decode registration).",
 );
 /// Aborts sent.
 pub const ROUTER_ABORTS_TOTAL: MetricDef = counter(
@@ -368,7 +370,8 @@ pub const ROUTER_GENERATION_FAILURES_TOTAL: MetricDef = counter(
     "generations",
     &["reason"],
     "Failed generations, by reason: no_instance, timeout, connect, status_5xx, status_4xx, protocol, \
-     kv_timeout, kv_invalid, overloaded, aborted, decode_error.",
+     kv_timeout, kv_invalid, overloaded, aborted, decode_error, kv_layout_mismatch (no prefill/decode \
+     pair with equal KV layer counts).",
 );
 /// Instance health.
 pub const ROUTER_INSTANCE_HEALTHY: MetricDef = gauge(

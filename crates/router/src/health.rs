@@ -1,12 +1,14 @@
 //! Active health checking: every `health.interval_ms`, each instance gets `GET /health` and
 //! `GET /internal/stats`; the answers feed the instances' health state and the load signals the
-//! policies read, and the per-instance gauges.
+//! policies read, and the per-instance gauges. After each round, prefill/decode pairs whose KV
+//! layer counts differ ([`crate::compat`]) are logged when they appear (warn) and disappear (info).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
 
+use crate::compat;
 use crate::metrics::catalog;
 use crate::state::AppState;
 
@@ -43,6 +45,26 @@ pub async fn probe_all(state: &AppState) {
             .set(f64::from(inst.inflight_requests()));
     }))
     .await;
+    log_mismatch_changes(state);
+}
+
+fn log_mismatch_changes(state: &AppState) {
+    let orch = &state.orchestrator;
+    let now = compat::all_mismatches(&orch.prefill, &orch.decode);
+    let mut last = state.pair_mismatches.lock();
+    for m in now.iter().filter(|m| !last.contains(m)) {
+        tracing::warn!(
+            prefill = %m.prefill,
+            prefill_kv_layers = m.prefill_layers,
+            decode = %m.decode,
+            decode_kv_layers = m.decode_layers,
+            "KV layout mismatch, the pair is unusable: {m}"
+        );
+    }
+    for m in last.iter().filter(|m| !now.contains(m)) {
+        tracing::info!(prefill = %m.prefill, decode = %m.decode, "KV layouts match again; the pair is usable");
+    }
+    *last = now;
 }
 
 /// Probes forever at the configured interval (and keeps the metrics registry drained). Runs until

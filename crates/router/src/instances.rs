@@ -254,6 +254,7 @@ mod tests {
             queued_prompt_tokens: 0,
             kv_addr: kv_addr.map(String::from),
             max_model_len: None,
+            kv_layers: None,
             sim: None,
         }
     }

@@ -9,6 +9,7 @@
 //! - [`policy::Policy`]: pure instance selection ([`policy::RoundRobin`], [`policy::LeastLoad`],
 //!   [`policy::PowerOfTwo`], [`policy::CacheAware`]);
 //! - [`orchestrate::Orchestrator`]: one task per generation, retries, stage timeouts and aborts;
+//! - [`compat::PairMismatch`]: prefill/decode pairs ruled out by differing KV layer counts;
 //! - [`assemble::ChoiceAssembler`]: incremental detokenization and stop strings;
 //! - [`metrics::RouterMetrics`]: the `pdserve_router_*` metrics, named in the catalog
 //!   [`pdserve_protocol::metrics`] (docs/metrics.md).
@@ -31,8 +32,10 @@
 
 pub mod assemble;
 pub mod client;
+pub mod compat;
 pub mod config;
 pub mod generate;
+pub mod generation;
 pub mod health;
 pub mod instances;
 pub mod metrics;

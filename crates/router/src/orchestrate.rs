@@ -9,9 +9,21 @@
 //! Invariants:
 //! - opening D's stream is retried on another decode instance (`retries.decode_attempts`) when D
 //!   cannot be reached;
-//! - D has *committed* once its first `tokens` event arrived; before that a failed prefill leg
-//!   (connect error, 5xx/429, protocol violation, timeout) is retried on another prefill instance,
-//!   up to `retries.prefill_attempts` attempts in all; after it, prefill failures are moot;
+//! - D has *committed* once its first `tokens` event arrived (the client receives tokens only from
+//!   D's stream, the prefill-sampled first token included, so nothing reached the client before);
+//!   before that a failed prefill leg (connect error, 5xx/429, protocol violation, timeout) is
+//!   retried on another prefill instance, up to `retries.prefill_attempts` attempts in all; after
+//!   it, prefill failures are moot;
+//! - a KV failure reported by D before it committed (`kv_invalid`, `kv_timeout`: the prefill leg
+//!   died or stalled while pushing the KV) fails the whole pair: D's registration is aborted and a
+//!   fresh one (same or another instance, per the policy) and a prefill attempt on another
+//!   instance start; it draws on the same prefill budget and stage deadlines. The legs of the n-th
+//!   pair (n ≥ 2) carry the id `<request_id>.<n>`, since a decode instance refuses an id it has
+//!   seen before (and a late frame of the failed pair must not feed the new one). After commit
+//!   every failure goes to the client;
+//! - a prefill and a decode instance whose reported KV layer counts differ
+//!   ([`crate::compat`]) are never paired; a request that no usable pair can serve fails with 503
+//!   `kv_layout_mismatch` naming both instances and their values;
 //! - every stage has a deadline: prefill (per attempt), KV wait (enforced by D, `kv_timeout_ms`),
 //!   first token, inter-token, total;
 //! - on any failure, timeout, early stop or consumer loss, `/internal/abort` goes to every leg that
@@ -25,121 +37,23 @@ use std::time::{Duration, Instant};
 
 use pdserve_protocol::internal::{
     DecodeErrorKind, DecodeEvent, DecodeRequest, DecodeTarget, PrefillRequest, PrefillResponse,
-    TokenLogprob,
 };
-use pdserve_protocol::openai::{FinishReason, GenerationReport, StageTimings};
-use pdserve_protocol::params::{SamplingParams, StopParams};
+use pdserve_protocol::openai::{GenerationReport, StageTimings};
 use pdserve_protocol::{ApiError, ErrorKind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{DecodeEvents, InstanceClient, LegError};
+use crate::compat::{self, PairMismatch};
 use crate::config::{HealthConfig, RetryConfig, TimeoutConfig};
 use crate::instances::{InflightGuard, Instance, Pool};
 use crate::metrics::{RouterMetrics, catalog};
 use crate::policy::RequestFeatures;
 
-/// One generation to run.
-#[derive(Debug, Clone)]
-pub struct GenerationSpec {
-    /// Unique id (names the KV frame and both legs).
-    pub request_id: String,
-    /// Choice index in the response.
-    pub index: u32,
-    /// Router sequence number (policies' round-robin position and RNG stream).
-    pub seq: u64,
-    /// Prompt token ids.
-    pub prompt: Arc<Vec<u32>>,
-    /// Sampling of this choice.
-    pub sampling: SamplingParams,
-    /// Token-level stops.
-    pub stop: StopParams,
-    /// When the HTTP request arrived.
-    pub arrival: Instant,
-}
-
-/// Where a generation runs, known once decode committed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Placement {
-    /// Prefill instance of the attempt in flight or done at commit time.
-    pub prefill_instance: Option<Arc<str>>,
-    /// Decode instance.
-    pub decode_instance: Arc<str>,
-    /// Prefill attempts so far.
-    pub prefill_attempts: u32,
-    /// Timings known at commit (router, first token, and prefill's if it answered already).
-    pub timings: StageTimings,
-}
-
-/// How a generation ended, for usage and the `pdserve` extension.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationOutcome {
-    /// Placement and timings.
-    pub report: GenerationReport,
-    /// Prompt tokens served from the prefill prefix cache.
-    pub cached_tokens: u32,
-}
-
-/// What the consumer receives.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GenEvent {
-    /// Decode committed; sent once, before the first tokens.
-    Started(Placement),
-    /// New tokens from decode.
-    Tokens {
-        /// Ids.
-        ids: Vec<u32>,
-        /// Parallel logprobs when requested.
-        logprobs: Option<Vec<TokenLogprob>>,
-        /// Set on the last tokens of the generation.
-        finish_reason: Option<FinishReason>,
-    },
-    /// The generation ended (normally or by early stop).
-    Finished(GenerationOutcome),
-    /// The generation failed.
-    Failed(ApiError),
-}
-
-/// The consumer's end of a generation.
-#[derive(Debug)]
-pub struct GenerationHandle {
-    /// Choice index.
-    pub index: u32,
-    events: mpsc::Receiver<GenEvent>,
-    stop: StopSignal,
-}
-
-impl GenerationHandle {
-    /// The next event; `None` after the final one.
-    pub async fn next(&mut self) -> Option<GenEvent> {
-        self.events.recv().await
-    }
-
-    /// Ends the generation early (a stop string matched): both legs are aborted, and a `Finished`
-    /// still follows. Tokens already in the channel may precede it.
-    pub fn stop_early(&mut self) {
-        self.stop.fire();
-    }
-
-    /// Splits into the event receiver and the early-stop signal (to merge several streams).
-    pub fn into_parts(self) -> (mpsc::Receiver<GenEvent>, StopSignal) {
-        (self.events, self.stop)
-    }
-}
-
-/// Fires a generation's early stop (once; later calls do nothing).
-#[derive(Debug)]
-pub struct StopSignal(Option<oneshot::Sender<()>>);
-
-impl StopSignal {
-    /// Requests the early stop.
-    pub fn fire(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
-    }
-}
+pub use crate::generation::{
+    GenEvent, GenerationHandle, GenerationOutcome, GenerationSpec, Placement, StopSignal,
+};
 
 /// Runs generations over the two pools.
 #[derive(Debug)]
@@ -177,11 +91,28 @@ enum Interrupt {
     Gone,
     /// An error to report.
     Failed(ApiError, &'static str),
+    /// Decode reported a KV failure before it committed: the pair may be retried; the error and
+    /// reason are what the client gets when it is not.
+    PairFailed(ApiError, &'static str),
 }
+
+/// The decode leg of the pair in flight.
+struct DecodeLeg {
+    kv_addr: String,
+    events: DecodeEvents,
+    _inflight: InflightGuard,
+}
+
+/// The outcome of opening a decode leg.
+type Opened = Option<(Arc<Instance>, DecodeLeg)>;
 
 /// The per-generation state of the drive loop.
 struct Run<'a> {
     spec: &'a GenerationSpec,
+    /// The id of the current pair's legs (`spec.request_id`, then `<request_id>.<n>`).
+    leg_id: String,
+    /// Pairs started so far.
+    pairs: u32,
     tx: &'a mpsc::Sender<GenEvent>,
     decode: Arc<Instance>,
     attempt: Option<PrefillAttempt>,
@@ -215,6 +146,10 @@ fn no_instance(role: &str) -> Interrupt {
     )
 }
 
+fn mismatch_failure(mismatches: &[PairMismatch]) -> Interrupt {
+    Interrupt::Failed(compat::unusable_error(mismatches), "kv_layout_mismatch")
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -245,7 +180,7 @@ impl Orchestrator {
                 let _ = tx.send(GenEvent::Finished(outcome)).await;
             }
             Err(Interrupt::Gone) => self.metrics.generation_finished("abort"),
-            Err(Interrupt::Failed(error, reason)) => {
+            Err(Interrupt::Failed(error, reason) | Interrupt::PairFailed(error, reason)) => {
                 self.metrics.generation_finished("error");
                 self.metrics
                     .counter(
@@ -289,6 +224,25 @@ impl Orchestrator {
         });
     }
 
+    /// Chooses a prefill instance for `decode`, skipping `tried` and instances whose KV layout
+    /// does not match `decode`'s.
+    fn select_prefill(
+        &self,
+        features: &RequestFeatures<'_>,
+        decode: &Instance,
+        tried: &[Arc<str>],
+        rng: &mut StdRng,
+    ) -> Result<Arc<Instance>, Interrupt> {
+        let mismatches = compat::incompatible_prefills(&self.prefill, decode);
+        let mut exclude = tried.to_vec();
+        exclude.extend(mismatches.iter().map(|m| m.prefill.clone()));
+        match self.prefill.select(features, &exclude, rng) {
+            Some(p) => Ok(p),
+            None if !mismatches.is_empty() => Err(mismatch_failure(&mismatches)),
+            None => Err(no_instance("prefill")),
+        }
+    }
+
     fn start_prefill(
         &self,
         run: &mut Run<'_>,
@@ -299,7 +253,7 @@ impl Orchestrator {
         run.tried.push(instance.id.clone());
         run.attempts += 1;
         let request = PrefillRequest {
-            request_id: run.spec.request_id.clone(),
+            request_id: run.leg_id.clone(),
             prompt_token_ids: run.spec.prompt.as_ref().clone(),
             sampling: run.spec.sampling.clone(),
             stop: run.spec.stop.clone(),
@@ -325,12 +279,13 @@ impl Orchestrator {
     async fn open_decode(
         &self,
         spec: &GenerationSpec,
+        leg_id: &str,
         tx: &mpsc::Sender<GenEvent>,
         features: &RequestFeatures<'_>,
         rng: &mut StdRng,
-    ) -> Result<Option<(Arc<Instance>, String, DecodeEvents, InflightGuard)>, Interrupt> {
+    ) -> Result<Opened, Interrupt> {
         let request = DecodeRequest {
-            request_id: spec.request_id.clone(),
+            request_id: leg_id.to_string(),
             prompt_token_ids: spec.prompt.as_ref().clone(),
             sampling: spec.sampling.clone(),
             stop: spec.stop.clone(),
@@ -338,30 +293,44 @@ impl Orchestrator {
         };
         let timeout = Duration::from_millis(self.timeouts.decode_open_ms);
         let mut tried: Vec<Arc<str>> = Vec::new();
+        // Decode instances that no healthy prefill instance can feed (KV layout mismatch).
+        let unpaired = compat::unpaired_decodes(&self.prefill, &self.decode);
+        let mut exclude: Vec<Arc<str>> = unpaired.iter().map(|(d, _)| d.clone()).collect();
         loop {
-            let chosen = self.decode.select(features, &tried, rng);
+            let chosen = self.decode.select(features, &exclude, rng);
             let Some((decode, kv_addr)) = chosen.and_then(|d| d.kv_addr().map(|a| (d, a))) else {
+                if !unpaired.is_empty() {
+                    let all: Vec<PairMismatch> =
+                        unpaired.into_iter().flat_map(|(_, m)| m).collect();
+                    return Err(mismatch_failure(&all));
+                }
                 return Err(no_instance("decode"));
             };
             self.record_decision(&self.decode, &decode);
             tried.push(decode.id.clone());
+            exclude.push(decode.id.clone());
             let inflight = decode.track(spec.prompt.len() as u64);
             let result = tokio::select! {
                 r = self.client.open_decode(&decode, &request, timeout) => r,
                 _ = tx.closed() => {
                     // The request may have been registered: release it.
-                    self.abort(&decode, &spec.request_id, "client_disconnect");
+                    self.abort(&decode, leg_id, "client_disconnect");
                     return Ok(None);
                 }
             };
             match result {
                 Ok(events) => {
                     decode.leg_succeeded();
-                    return Ok(Some((decode, kv_addr, events, inflight)));
+                    let leg = DecodeLeg {
+                        kv_addr,
+                        events,
+                        _inflight: inflight,
+                    };
+                    return Ok(Some((decode, leg)));
                 }
                 Err(e) => {
                     // A timed-out open may have registered the request.
-                    self.abort(&decode, &spec.request_id, "retry");
+                    self.abort(&decode, leg_id, "retry");
                     if !e.retryable() {
                         return Err(Interrupt::Failed(e.to_api_error("decode"), e.reason()));
                     }
@@ -375,7 +344,7 @@ impl Orchestrator {
                             &[("role", "decode"), ("reason", e.reason())],
                         )
                         .increment(1);
-                    tracing::info!(request_id = %spec.request_id, from = %decode.id, error = %e, "retrying decode open");
+                    tracing::info!(request_id = %leg_id, from = %decode.id, error = %e, "retrying decode open");
                 }
             }
         }
@@ -396,14 +365,17 @@ impl Orchestrator {
         let router_s = secs(dispatch - spec.arrival);
         self.metrics
             .observe(&catalog::ROUTER_OVERHEAD_SECONDS, router_s);
-        let Some((decode, kv_addr, mut events, _decode_inflight)) =
-            self.open_decode(spec, tx, &features, &mut rng).await?
+        let Some((decode, mut leg)) = self
+            .open_decode(spec, &spec.request_id, tx, &features, &mut rng)
+            .await?
         else {
             return Err(Interrupt::Gone);
         };
 
         let mut run = Run {
             spec,
+            leg_id: spec.request_id.clone(),
+            pairs: 1,
             tx,
             decode,
             attempt: None,
@@ -417,27 +389,106 @@ impl Orchestrator {
             decode_finished: false,
             rng,
         };
-        let result = match self.prefill.select(&features, &[], &mut run.rng) {
-            None => Err(no_instance("prefill")),
-            Some(p) => {
-                run.attempt = Some(self.start_prefill(&mut run, p, &kv_addr));
-                self.pump(&mut run, &mut events, &mut stop_rx, &kv_addr)
-                    .await
+        let mut next = self.select_prefill(&features, &run.decode, &[], &mut run.rng);
+        let result = loop {
+            let p = match next {
+                Ok(p) => p,
+                Err(e) => break Err(e),
+            };
+            run.attempt = Some(self.start_prefill(&mut run, p, &leg.kv_addr));
+            let (error, reason) = match self
+                .pump(&mut run, &mut leg.events, &mut stop_rx, &leg.kv_addr)
+                .await
+            {
+                Err(Interrupt::PairFailed(error, reason)) => (error, reason),
+                other => break other,
+            };
+            match self
+                .retry_pair(&mut run, &features, tx, error, reason)
+                .await
+            {
+                Ok((p, new_leg)) => {
+                    leg = new_leg;
+                    next = Ok(p);
+                }
+                Err(e) => break Err(e),
             }
         };
         let reason = match &result {
             Ok(()) => "stop_string",
             Err(Interrupt::Gone) => "client_disconnect",
-            Err(Interrupt::Failed(..)) => "failure",
+            Err(Interrupt::Failed(..) | Interrupt::PairFailed(..)) => "failure",
         };
         if !run.decode_finished {
-            self.abort(&run.decode, &spec.request_id, reason);
+            self.abort(&run.decode, &run.leg_id, reason);
         }
         if let Some(a) = run.attempt.take() {
-            self.abort(&a.instance, &spec.request_id, reason);
+            self.abort(&a.instance, &run.leg_id, reason);
         }
         result?;
         Ok(self.outcome(&run))
+    }
+
+    /// After decode reported a KV failure before commit: aborts both legs of the failed pair, then,
+    /// within the prefill budget, opens a fresh decode leg (under the next pair's id) and chooses
+    /// another prefill instance for it. Otherwise the decode's error is final.
+    async fn retry_pair(
+        &self,
+        run: &mut Run<'_>,
+        features: &RequestFeatures<'_>,
+        tx: &mpsc::Sender<GenEvent>,
+        error: ApiError,
+        reason: &'static str,
+    ) -> Result<(Arc<Instance>, DecodeLeg), Interrupt> {
+        let failed_prefill = match run.attempt.take() {
+            Some(a) => {
+                self.abort(&a.instance, &run.leg_id, "retry");
+                Some(a.instance.id.clone())
+            }
+            None => run.prefill_done.take().map(|(id, _)| id),
+        };
+        // `decode_finished` is set (the error ended D's stream); the abort frees whatever D may
+        // still hold.
+        self.abort(&run.decode, &run.leg_id, "retry");
+        let final_error = || Interrupt::Failed(error.clone(), reason);
+        if run.attempts >= self.retries.prefill_attempts {
+            return Err(final_error());
+        }
+        let leg_id = format!("{}.{}", run.spec.request_id, run.pairs + 1);
+        let Some((decode, leg)) = self
+            .open_decode(run.spec, &leg_id, tx, features, &mut run.rng)
+            .await?
+        else {
+            return Err(Interrupt::Gone);
+        };
+        let tried = run.tried.clone();
+        let prefill = match self.select_prefill(features, &decode, &tried, &mut run.rng) {
+            Ok(p) => p,
+            Err(_) => {
+                self.abort(&decode, &leg_id, "retry");
+                return Err(final_error());
+            }
+        };
+        self.metrics
+            .counter(
+                &catalog::ROUTER_RETRIES_TOTAL,
+                &[("role", "prefill"), ("reason", reason)],
+            )
+            .increment(1);
+        tracing::info!(
+            request_id = %leg_id,
+            from = failed_prefill.as_deref().unwrap_or("-"),
+            to = %prefill.id,
+            decode = %decode.id,
+            reason,
+            "decode reported a KV failure before its first token; retrying the prefill/decode pair"
+        );
+        run.decode = decode;
+        run.decode_finished = false;
+        run.prefill_done = None;
+        run.leg_id = leg_id;
+        run.pairs += 1;
+        Ok((prefill, leg))
     }
 
     /// The event loop: relays decode events, handles prefill results and retries, enforces
@@ -492,7 +543,7 @@ impl Orchestrator {
                     return Err(Interrupt::Failed(
                         ApiError::new(ErrorKind::Timeout, message)
                             .with_code(format!("{stage}_timeout"))
-                            .with_diagnostic(format!("request {} stage {stage}", run.spec.request_id)),
+                            .with_diagnostic(format!("request {} stage {stage}", run.leg_id)),
                         "timeout",
                     ));
                 }
@@ -616,12 +667,18 @@ impl Orchestrator {
                         )
                         .increment(1);
                 }
-                Err(Interrupt::Failed(
-                    ApiError::new(error_kind, client_message)
-                        .with_code(reason)
-                        .with_diagnostic(format!("decode {}: {kind:?}: {message}", run.decode.id)),
-                    reason,
-                ))
+                let error = ApiError::new(error_kind, client_message)
+                    .with_code(reason)
+                    .with_diagnostic(format!("decode {}: {kind:?}: {message}", run.decode.id));
+                let kv_failure = matches!(
+                    kind,
+                    DecodeErrorKind::KvInvalid | DecodeErrorKind::KvTimeout
+                );
+                if kv_failure && run.committed_at.is_none() {
+                    // Nothing reached the client: the prefill leg failed, the pair may be retried.
+                    return Err(Interrupt::PairFailed(error, reason));
+                }
+                Err(Interrupt::Failed(error, reason))
             }
         }
     }
@@ -654,11 +711,11 @@ impl Orchestrator {
                 }
                 if run.committed_at.is_some() || run.decode_finished {
                     // Decode already has the KV: the lost answer only costs us prefill timings.
-                    tracing::debug!(request_id = %run.spec.request_id, error = %e, "prefill answer lost after commit");
+                    tracing::debug!(request_id = %run.leg_id, error = %e, "prefill answer lost after commit");
                     return Ok(());
                 }
                 // The failed instance may still hold the request (e.g. after a timeout).
-                self.abort(&attempt.instance, &run.spec.request_id, "retry");
+                self.abort(&attempt.instance, &run.leg_id, "retry");
                 if !e.retryable() || run.attempts >= self.retries.prefill_attempts {
                     return Err(Interrupt::Failed(e.to_api_error("prefill"), e.reason()));
                 }
@@ -667,7 +724,8 @@ impl Orchestrator {
                     prompt_token_ids: &run.spec.prompt,
                 };
                 let tried = run.tried.clone();
-                let Some(next) = self.prefill.select(&features, &tried, &mut run.rng) else {
+                let Ok(next) = self.select_prefill(&features, &run.decode, &tried, &mut run.rng)
+                else {
                     return Err(Interrupt::Failed(e.to_api_error("prefill"), e.reason()));
                 };
                 self.metrics
@@ -676,7 +734,7 @@ impl Orchestrator {
                         &[("role", "prefill"), ("reason", e.reason())],
                     )
                     .increment(1);
-                tracing::info!(request_id = %run.spec.request_id, from = %attempt.instance.id, to = %next.id, error = %e, "retrying prefill");
+                tracing::info!(request_id = %run.leg_id, from = %attempt.instance.id, to = %next.id, error = %e, "retrying prefill");
                 run.attempt = Some(self.start_prefill(run, next, kv_addr));
                 Ok(())
             }

@@ -12,6 +12,7 @@ use pdserve_protocol::{ApiError, ErrorKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::client::InstanceClient;
+use crate::compat::PairMismatch;
 use crate::config::{ConfigError, RouterConfig};
 use crate::instances::Pool;
 use crate::metrics::{RouterMetrics, catalog};
@@ -51,6 +52,9 @@ pub struct AppState {
     pub orchestrator: Arc<Orchestrator>,
     /// Metrics registry.
     pub metrics: Arc<RouterMetrics>,
+    /// Prefill/decode pairs with differing KV layer counts, as of the last probe round (to log
+    /// changes once).
+    pub pair_mismatches: parking_lot::Mutex<Vec<PairMismatch>>,
     admission: Arc<Semaphore>,
     running: Gauge,
     seq: AtomicU64,
@@ -117,6 +121,7 @@ impl AppState {
             text: Arc::new(text),
             orchestrator,
             metrics,
+            pair_mismatches: parking_lot::Mutex::new(Vec::new()),
             running,
             seq: AtomicU64::new(0),
             started_unix_s: unix_now_s(),

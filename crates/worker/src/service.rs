@@ -161,6 +161,7 @@ pub(crate) async fn instance_stats(
             .saturating_add(extra.queued_prompt_tokens),
         kv_addr,
         max_model_len: Some(as_u32(info.scheduler.max_context_tokens)),
+        kv_layers: Some(as_u32(info.shape.num_layers)),
         sim: info.sim.as_ref().map(|l| SimInfo {
             hardware: l.hardware.clone(),
             time_scale: info.time_scale,

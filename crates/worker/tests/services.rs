@@ -117,8 +117,11 @@ async fn prefill_then_decode_streams_the_frame_token_then_the_model_tokens() {
     assert_eq!(probe.id, request_key("gen-1"));
     assert_eq!(probe.rows, expected_kv(&prompt));
 
-    eventually_stats(&prefill.base, "prefill frees its blocks", all_blocks_free).await;
-    eventually_stats(&decode.base, "decode frees its blocks", all_blocks_free).await;
+    let p = eventually_stats(&prefill.base, "prefill frees its blocks", all_blocks_free).await;
+    let d = eventually_stats(&decode.base, "decode frees its blocks", all_blocks_free).await;
+    // Both report the cached layer count the router compares before pairing them.
+    let layers = Some(SHAPE.num_layers as u32);
+    assert_eq!((p.kv_layers, d.kv_layers), (layers, layers));
     let text = metrics_text(&decode.base).await;
     assert!(
         text.contains(

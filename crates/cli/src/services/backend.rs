@@ -2,8 +2,11 @@
 //!
 //! [`ModelBackend`] adapts the engine's [`ModelExecutor`] (sampling parameters of the model crate,
 //! KV handed over with `stage_arrived_kv` / `export_kv`) to the worker's seams ([`SeqParams`],
-//! [`KvAccess`]). [`FabricClock`] adds
-//! the fabric's KV-transfer pricing to the engine's [`FabricStepClock`].
+//! [`KvAccess`]). Its executor runs the instance's [`ServiceExperts`], local or on the EP runtime:
+//! one type for both, so the plan conversion and the KV hand-over are written once. [`FabricClock`]
+//! adds the fabric's KV-transfer pricing to the engine's [`FabricStepClock`], which prices each
+//! step with the placement and served GPUs the step's [`StepRouting`] carries (the EP runtime's)
+//! or its own; [`fabric_report`]'s balancedness counts the GPUs that really served when known.
 //!
 //! `KvAccess` maps one to one onto the executor's hand-over (`stage_arrived_kv`, `export_kv`),
 //! converting the worker's [`KvRows`] to and from the executor's per-layer rows; nothing is copied
@@ -24,21 +27,28 @@ use pdserve_fabric::{CollectiveKind, ExpertPlacement, Mode, Schedule, StepOutcom
 use pdserve_model::SamplingParams as ModelSampling;
 use pdserve_worker::{FabricStepReport, KvAccess, KvError, KvRows, KvTransferClock, SeqParams};
 
+use super::experts::ServiceExperts;
+
 /// The model executor behind a service; see the module docs.
 #[derive(Debug)]
 pub struct ModelBackend {
-    exec: ModelExecutor,
+    exec: ModelExecutor<ServiceExperts>,
     eos_token_ids: Vec<u32>,
 }
 
 impl ModelBackend {
     /// Wraps `exec`; `eos_token_ids` are the model's end-of-sequence ids (masked below
     /// `min_tokens` unless a request sets `ignore_eos`).
-    pub fn new(exec: ModelExecutor, eos_token_ids: Vec<u32>) -> Self {
+    pub fn new(exec: ModelExecutor<ServiceExperts>, eos_token_ids: Vec<u32>) -> Self {
         Self {
             exec,
             eos_token_ids,
         }
+    }
+
+    /// The executor (its experts say whether the EP runtime runs them).
+    pub fn executor(&self) -> &ModelExecutor<ServiceExperts> {
+        &self.exec
     }
 }
 
@@ -257,7 +267,12 @@ pub fn fabric_report(
                 .as_ref()
                 .and_then(|p| p.get(i))
                 .unwrap_or(clock.placement());
-            balancedness(&layer.routing.ids, placement)
+            match routing.served_gpus.as_ref().and_then(|s| s.get(i)) {
+                Some(served) if served.len() == layer.routing.ids.len() => {
+                    served_balancedness(served, placement.num_gpus())
+                }
+                _ => balancedness(&layer.routing.ids, placement),
+            }
         })
         .collect();
     FabricStepReport {
@@ -300,6 +315,19 @@ fn overlap_ratio(o: &StepOutcome) -> Option<f64> {
     }
     (comm_us > 0.0)
         .then(|| ((o.compute_busy_us + comm_us - o.duration_us) / comm_us).clamp(0.0, 1.0))
+}
+
+/// Mean over `num_gpus` GPUs of the token-expert assignments each served (the EP runtime's
+/// recorded replica choices), over the max; `None` when nothing was served.
+fn served_balancedness(served: &[u32], num_gpus: u32) -> Option<f64> {
+    let mut load = vec![0u64; num_gpus as usize];
+    for &g in served {
+        if let Some(l) = load.get_mut(g as usize) {
+            *l += 1;
+        }
+    }
+    let max = load.iter().copied().max().unwrap_or(0);
+    (max > 0).then(|| load.iter().sum::<u64>() as f64 / load.len() as f64 / max as f64)
 }
 
 /// Mean over GPUs of the token-expert assignments each computes, over the max (a replicated
@@ -406,6 +434,14 @@ mod tests {
         // GPU 0 gets 3, GPU 1 gets 1: mean 2 over max 3.
         assert_eq!(balancedness(&[0, 1, 0, 3], &placement), Some(2.0 / 3.0));
         assert_eq!(balancedness(&[], &placement), None);
+    }
+
+    #[test]
+    fn served_balancedness_counts_the_gpus_that_really_served() {
+        // Expert 0 replicated on GPUs 0 and 1: the runtime sent both pairs to GPU 1.
+        assert_eq!(served_balancedness(&[1, 1, 2, 3], 4), Some(1.0 / 2.0));
+        assert_eq!(served_balancedness(&[0, 1, 2, 3], 4), Some(1.0));
+        assert_eq!(served_balancedness(&[], 4), None);
     }
 
     #[test]

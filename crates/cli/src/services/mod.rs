@@ -7,9 +7,18 @@
 //! `DecodeConfig`). `pdserve up` reads the first prefill and decode sections (if any) for their
 //! engine settings and binds their internal ports on loopback itself.
 //!
+//! Routed experts: by default every instance runs them in its own process ([`LocalExperts`]);
+//! `[sim.prefill_ep_runtime]` / `[sim.decode_ep_runtime]` (the EP runtime's
+//! [`EpRuntimeConfig`], the same type as `pdserve bench decode`'s `[ep]`) make that phase's
+//! instances EP groups of `prefill_ep_size` / `decode_ep_size` ranks instead
+//! ([`experts::ServiceExperts`]): rows reach a rank's experts only through the EP transport, the
+//! placement (redundant experts, EPLB from the load file and on its period) is the runtime's, and
+//! the fabric clock prices each step with the placement and replicas it really ran with.
+//!
 //! Layering: defaults < TOML < environment (`PDSERVE_*`, through clap) < flags.
 
 pub mod backend;
+pub mod experts;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +28,7 @@ use anyhow::{Context, anyhow};
 use pdserve_engine::{
     ClockConfig, ExecutorConfig, FabricStepClock, ModelExecutor, SchedulerConfig,
 };
+use pdserve_ep::{EpGroup, EpRuntimeConfig, PlacementConfig};
 use pdserve_fabric::{Mode, Phase};
 use pdserve_model::{Checkpoint, DeepSeekV3, LocalExperts};
 use pdserve_protocol::openai::SimMode;
@@ -28,6 +38,7 @@ use pdserve_worker::{DecodeConfig, EngineConfig, EngineParts, PrefillConfig, Sim
 use serde::{Deserialize, Serialize};
 
 use backend::{FabricClock, ModelBackend};
+use experts::ServiceExperts;
 
 /// The parts of one instance: the model backend and the fabric clock.
 pub type Parts = EngineParts<ModelBackend, FabricClock>;
@@ -76,6 +87,11 @@ pub struct SimSection {
     /// Wall seconds per simulated second for every instance (0: no pacing); absent: each
     /// instance's own `engine.time_scale`.
     pub time_scale: Option<f64>,
+    /// Run prefill instances' routed experts on the EP runtime with this configuration (its
+    /// `placement.num_ranks` is `prefill_ep_size`); absent: every expert local.
+    pub prefill_ep_runtime: Option<EpRuntimeConfig>,
+    /// The same for decode instances (`placement.num_ranks` is `decode_ep_size`).
+    pub decode_ep_runtime: Option<EpRuntimeConfig>,
 }
 
 impl Default for SimSection {
@@ -87,7 +103,51 @@ impl Default for SimSection {
             prefill_ep_size: 32,
             decode_ep_size: 144,
             time_scale: None,
+            prefill_ep_runtime: None,
+            decode_ep_runtime: None,
         }
+    }
+}
+
+impl SimSection {
+    /// The EP group size of `phase`'s instances.
+    pub fn ep_size(&self, phase: Phase) -> u32 {
+        match phase {
+            Phase::Prefill => self.prefill_ep_size,
+            Phase::Decode => self.decode_ep_size,
+        }
+    }
+
+    /// The EP runtime of `phase`'s instances, `None` for local experts. Its
+    /// `placement.num_ranks` becomes the phase's EP size; a section that sets another value
+    /// (other than the placement default, which stands for "unset") is refused, naming both keys.
+    pub fn ep_runtime(&self, phase: Phase) -> anyhow::Result<Option<EpRuntimeConfig>> {
+        let (key, size_key, section) = match phase {
+            Phase::Prefill => (
+                "prefill_ep_runtime",
+                "prefill_ep_size",
+                &self.prefill_ep_runtime,
+            ),
+            Phase::Decode => (
+                "decode_ep_runtime",
+                "decode_ep_size",
+                &self.decode_ep_runtime,
+            ),
+        };
+        let Some(ep) = section else {
+            return Ok(None);
+        };
+        let ranks = self.ep_size(phase) as usize;
+        let given = ep.placement.num_ranks;
+        if given != ranks && given != PlacementConfig::default().num_ranks {
+            return Err(anyhow!(
+                "[sim.{key}.placement] num_ranks = {given} but [sim] {size_key} = {ranks}: the \
+                 EP group's ranks are its GPUs (leave num_ranks out)"
+            ));
+        }
+        let mut ep = ep.clone();
+        ep.placement.num_ranks = ranks;
+        Ok(Some(ep))
     }
 }
 
@@ -104,6 +164,19 @@ impl ClusterFile {
             && dir.is_relative()
         {
             file.model.dir = Some(base.join(dir));
+        }
+        for ep in [
+            &mut file.sim.prefill_ep_runtime,
+            &mut file.sim.decode_ep_runtime,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(load) = &mut ep.rebalancer.initial_load_file
+                && load.is_relative()
+            {
+                *load = base.join(&*load);
+            }
         }
         if file.router.tokenizer.is_relative()
             && file.router.tokenizer != RouterConfig::default().tokenizer
@@ -177,27 +250,62 @@ fn eos_ids(model_dir: &Path, model: &DeepSeekV3) -> Vec<u32> {
     eos
 }
 
-/// A checkpoint loaded once: the model, its routed experts and its end-of-sequence ids. The
-/// instances built from one [`LoadedModel`] share its weights (tensors are reference-counted and
-/// the model runs on `&self`), so `pdserve up` holds one copy for its prefill and decode instances.
-#[derive(Debug, Clone)]
+/// A checkpoint loaded once: the model without its routed experts, the opened checkpoint (each
+/// EP group loads its ranks' experts from it), the local routed experts once an instance asks for
+/// them, and the end-of-sequence ids. The instances built from one [`LoadedModel`] share its
+/// weights (tensors are reference-counted and the model runs on `&self`), so `pdserve up` holds
+/// one copy for its prefill and decode instances.
+#[derive(Debug)]
 pub struct LoadedModel {
     dir: PathBuf,
+    ckpt: Checkpoint,
     model: Arc<DeepSeekV3>,
-    experts: LocalExperts,
+    local: std::sync::OnceLock<LocalExperts>,
     eos_token_ids: Vec<u32>,
 }
 
 impl LoadedModel {
-    /// Loads every weight of the checkpoint in `dir` on the CPU.
+    /// Loads the checkpoint in `dir` on the CPU (all but the routed experts, which the instances
+    /// load: locally or on their EP ranks).
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let (model, experts) = DeepSeekV3::load(dir, &candle_core::Device::Cpu)
-            .with_context(|| format!("loading the model in {}", dir.display()))?;
+        let load = || -> Result<_, pdserve_model::ModelError> {
+            let ckpt = Checkpoint::open(dir)?;
+            let model = DeepSeekV3::from_checkpoint(&ckpt, &candle_core::Device::Cpu)?;
+            Ok((ckpt, model))
+        };
+        let (ckpt, model) =
+            load().with_context(|| format!("loading the model in {}", dir.display()))?;
         Ok(Self {
             eos_token_ids: eos_ids(dir, &model),
             dir: dir.to_path_buf(),
+            ckpt,
             model: Arc::new(model),
-            experts,
+            local: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Every routed expert in this process (loaded on first use, then shared).
+    fn local_experts(&self) -> anyhow::Result<LocalExperts> {
+        if let Some(x) = self.local.get() {
+            return Ok(x.clone());
+        }
+        let x = LocalExperts::load(&self.ckpt, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading the routed experts of {}", self.dir.display()))?;
+        Ok(self.local.get_or_init(|| x).clone())
+    }
+
+    /// The routed experts of an instance: an EP group with `ep`, else the local experts.
+    fn experts(&self, ep: Option<EpRuntimeConfig>, what: &str) -> anyhow::Result<ServiceExperts> {
+        Ok(match ep {
+            None => ServiceExperts::Local(self.local_experts()?),
+            Some(ep) => ServiceExperts::Ep(Box::new(
+                EpGroup::load(&self.ckpt, ep, &candle_core::Device::Cpu).map_err(|e| {
+                    anyhow!(
+                        "[sim.{what}] with the checkpoint in {}: {e}",
+                        self.dir.display()
+                    )
+                })?,
+            )),
         })
     }
 }
@@ -220,9 +328,11 @@ pub fn build_parts_from(
     scheduler: &SchedulerConfig,
     phase: Phase,
 ) -> anyhow::Result<Parts> {
-    let ep_size = match phase {
-        Phase::Prefill => sim.prefill_ep_size,
-        Phase::Decode => sim.decode_ep_size,
+    let ep_size = sim.ep_size(phase);
+    let ep = sim.ep_runtime(phase)?;
+    let what = match phase {
+        Phase::Prefill => "prefill_ep_runtime",
+        Phase::Decode => "decode_ep_runtime",
     };
     let clock = FabricStepClock::new(ClockConfig {
         hardware: sim.hardware.clone(),
@@ -235,7 +345,7 @@ pub fn build_parts_from(
     .map_err(|e| anyhow!("[sim]: {e}"))?;
     let exec = ModelExecutor::new(
         loaded.model.clone(),
-        loaded.experts.clone(),
+        loaded.experts(ep, what)?,
         ExecutorConfig::for_scheduler(scheduler, ep_size),
     )
     .with_context(|| format!("building the executor of {}", loaded.dir.display()))?;
@@ -255,6 +365,30 @@ pub fn build_parts_from(
         eos_token_ids,
         sim: Some(label),
     })
+}
+
+/// Where the routed experts of an instance run, in words (`pdserve up`'s banner).
+pub fn describe_experts(parts: &Parts) -> String {
+    match parts.executor.executor().experts().ep_group() {
+        None => "local (one process)".into(),
+        Some(group) => {
+            let c = group.config();
+            let period = match c.rebalancer.period_steps {
+                0 => "never".to_string(),
+                n => format!("every {n} steps"),
+            };
+            format!(
+                "EP runtime: {} ranks, {} redundant experts, EPLB {period}{}",
+                group.ep_size(),
+                c.placement.num_redundant_experts,
+                if c.rebalancer.initial_load_file.is_some() {
+                    ", initial placement from the load file"
+                } else {
+                    ""
+                }
+            )
+        }
+    }
 }
 
 /// Defaults of the engine for the tiny models: a small KV pool and their context length.
@@ -361,6 +495,66 @@ mod tests {
     fn unknown_keys_in_the_cluster_file_are_rejected_with_their_name() {
         let err = toml::from_str::<ClusterFile>("[sim]\nhardwar = \"h800\"\n").unwrap_err();
         assert!(err.to_string().contains("hardwar"), "{err}");
+    }
+
+    #[test]
+    fn ep_runtime_takes_its_ranks_from_the_phase_ep_size_and_refuses_another() {
+        let mut sim: SimSection = toml::from_str(
+            "decode_ep_size = 16\n[decode_ep_runtime.placement]\nnum_redundant_experts = 16\n",
+        )
+        .unwrap();
+        assert!(
+            sim.ep_runtime(Phase::Prefill).unwrap().is_none(),
+            "local by default"
+        );
+        let ep = sim.ep_runtime(Phase::Decode).unwrap().unwrap();
+        assert_eq!(ep.ep_size(), 16);
+        assert_eq!(ep.placement.num_redundant_experts, 16);
+        if let Some(ep) = sim.decode_ep_runtime.as_mut() {
+            ep.placement.num_ranks = 32;
+        }
+        let err = sim.ep_runtime(Phase::Decode).unwrap_err().to_string();
+        assert!(
+            err.contains("num_ranks = 32") && err.contains("decode_ep_size = 16"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_relative_ep_load_file_is_relative_to_the_cluster_file() {
+        let dir = std::env::temp_dir().join(format!("pdserve-ep-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.toml");
+        std::fs::write(
+            &path,
+            "[sim.prefill_ep_runtime.rebalancer]\ninitial_load_file = \"loads/p.json\"\n",
+        )
+        .unwrap();
+        let file = ClusterFile::load(&path).unwrap();
+        let ep = file.sim.prefill_ep_runtime.unwrap();
+        assert_eq!(
+            ep.rebalancer.initial_load_file,
+            Some(dir.join("loads/p.json"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_commented_ep_example_of_pdserve_toml_parses_and_turns_the_runtime_on() {
+        // The example lines start with `# ` directly after the marker line.
+        let start = PDSERVE_TOML
+            .find("# EP runtime example")
+            .expect("pdserve.toml documents the EP runtime");
+        let example: String = PDSERVE_TOML[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let file: ClusterFile = toml::from_str(&example).unwrap();
+        let ep = file.sim.ep_runtime(Phase::Decode).unwrap().unwrap();
+        assert_eq!(ep.ep_size(), file.sim.decode_ep_size as usize);
+        assert!(file.sim.ep_runtime(Phase::Prefill).unwrap().is_some());
     }
 
     #[test]

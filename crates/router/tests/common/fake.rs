@@ -6,7 +6,7 @@
 //! rest as NDJSON events. Behaviour changes (failures, holds) are scripted, and holds are gates,
 //! never sleeps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,6 +122,7 @@ fn stats(id: &str, role: Role, kv_addr: Option<String>) -> InstanceStats {
         queued_prompt_tokens: 0,
         kv_addr,
         max_model_len: Some(4096),
+        kv_layers: Some(2),
         sim: Some(SimInfo {
             hardware: "h800".into(),
             time_scale: 1.0,
@@ -309,6 +310,8 @@ pub struct DecodeScript {
     pub per_event: usize,
     /// Emit an `error` event after this many tokens.
     pub fail_after: Option<usize>,
+    /// The kind of that error event (`internal` when unset).
+    pub fail_kind: Option<DecodeErrorKind>,
     /// Wait for the gate before emitting the token at this index.
     pub hold_at: Option<(usize, Arc<Gate>)>,
 }
@@ -317,6 +320,9 @@ pub struct FakeDecode {
     pub id: String,
     /// When set, `/internal/decode` answers this status.
     pub fail_open: Mutex<Option<u16>>,
+    /// The next this many registrations end with a `kv_invalid` error once their KV frame
+    /// arrived (as when the prefill side died mid-push), before any token.
+    pub kv_invalid_next: Mutex<usize>,
     pub url: String,
     pub kv_addr: String,
     pub script: Mutex<DecodeScript>,
@@ -326,6 +332,8 @@ pub struct FakeDecode {
     pub stats: Mutex<InstanceStats>,
     pub healthy: AtomicBool,
     waiting_kv: Mutex<HashMap<String, oneshot::Sender<KvFrameHeader>>>,
+    /// Ids registered so far: like the real instance, a known id is refused.
+    seen: Mutex<HashSet<String>>,
     active: Mutex<HashMap<String, oneshot::Sender<()>>>,
     model: ModelFn,
 }
@@ -338,6 +346,7 @@ impl FakeDecode {
         let fake = Arc::new(FakeDecode {
             id: id.into(),
             fail_open: Mutex::new(None),
+            kv_invalid_next: Mutex::new(0),
             url,
             stats: Mutex::new(stats(id, Role::Decode, Some(kv_addr.clone()))),
             kv_addr,
@@ -347,6 +356,7 @@ impl FakeDecode {
             frames: Recorder::new(),
             healthy: AtomicBool::new(true),
             waiting_kv: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashSet::new()),
             active: Mutex::new(HashMap::new()),
             model,
         });
@@ -418,6 +428,11 @@ async fn decode(
     if let Some(status) = *fake.fail_open.lock() {
         return ApiError::new(ErrorKind::from_status(status), "scripted failure").into_response();
     }
+    if !fake.seen.lock().insert(req.request_id.clone()) {
+        return ApiError::invalid_param("request_id", "request_id is already in use")
+            .with_code("duplicate_request_id")
+            .into_response();
+    }
     let (kv_tx, kv_rx) = oneshot::channel();
     let (cancel_tx, cancel_rx) = oneshot::channel();
     fake.waiting_kv.lock().insert(req.request_id.clone(), kv_tx);
@@ -425,9 +440,15 @@ async fn decode(
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let script = fake.script.lock().clone();
     let model = fake.model.clone();
+    let kv_invalid = {
+        let mut next = fake.kv_invalid_next.lock();
+        let fail = *next > 0;
+        *next = next.saturating_sub(1);
+        fail
+    };
     tokio::spawn(async move {
         tokio::select! {
-            _ = produce(req, script, model, kv_rx, tx) => {}
+            _ = produce(req, script, model, kv_rx, tx, kv_invalid) => {}
             _ = cancel_rx => {}
         }
     });
@@ -448,6 +469,7 @@ async fn produce(
     model: ModelFn,
     kv: oneshot::Receiver<KvFrameHeader>,
     tx: mpsc::Sender<Bytes>,
+    kv_invalid: bool,
 ) {
     let header = match tokio::time::timeout(Duration::from_millis(req.kv_timeout_ms), kv).await {
         Ok(Ok(h)) => h,
@@ -460,6 +482,14 @@ async fn produce(
             return;
         }
     };
+    if kv_invalid {
+        let ev = DecodeEvent::Error {
+            kind: DecodeErrorKind::KvInvalid,
+            message: "kv frame closed after 12 bytes".into(),
+        };
+        let _ = tx.send(line(&ev)).await;
+        return;
+    }
     let mut tokens = model(&req.sampling);
     tokens[0] = header.first_token.id;
     let max = req.stop.max_tokens as usize;
@@ -480,7 +510,7 @@ async fn produce(
         }
         if script.fail_after.is_some_and(|k| i >= k) {
             let ev = DecodeEvent::Error {
-                kind: DecodeErrorKind::Internal,
+                kind: script.fail_kind.unwrap_or(DecodeErrorKind::Internal),
                 message: "scripted failure".into(),
             };
             let _ = tx.send(line(&ev)).await;

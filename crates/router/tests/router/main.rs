@@ -11,5 +11,6 @@ mod common;
 
 mod api;
 mod failures;
+mod pairs;
 mod policies;
 mod validation;
