@@ -161,7 +161,11 @@ impl FabricStepClock {
             ep_size: config.ep_size,
             mode: config.mode,
             path: config.path,
-        })?;
+        })?
+        // The engine's compute thread prices steps while the model's matmuls use the other
+        // cores; a serving step reuses the real layers' routing, so its plans are cheap (docs/
+        // performance.md, Fabric) and building them on extra threads only adds contention.
+        .with_plan_threads(1);
         let experts = u32::try_from(shape.n_routed_experts).map_err(|_| ClockError::Config {
             field: "model",
             problem: format!("{} routed experts is too many", shape.n_routed_experts),

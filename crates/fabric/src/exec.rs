@@ -5,9 +5,14 @@
 //! received each past collective, the traffic plans in use and the timeline being recorded.
 //! Collectives are processed in comm-stream order; before collective `k`, every GPU runs its
 //! compute ops up to `k`'s trigger, so every op's waits refer to collectives already priced.
-//! A plan is built when its first collective comes and dropped after its last one, which keeps
-//! the working set to a few plans however many routing layers a step has.
+//! A plan is taken from its [`PlanSource`] when first needed (its MLP stage or its first
+//! collective) and dropped after its last collective, which keeps the working set to a few plans
+//! however many routing layers a step has. With more than one plan thread ([`Fabric::plan_threads`])
+//! the plans are built ahead by workers in the order the executor first needs them
+//! ([`crate::ahead`]); the executor takes each from the one worker that built it, so the outcome
+//! and the trace do not depend on the thread count.
 
+use crate::ahead::{PlanBuilder, PlanSource};
 use crate::batch::{AttentionLoad, StepBatch};
 use crate::cost::StageCost;
 use crate::error::FabricError;
@@ -37,10 +42,14 @@ pub(crate) struct Executor<'f, 'i> {
     main_moe_layers: usize,
     mbs: usize,
     program: Program,
-    ranges: Vec<Vec<(usize, usize)>>,
     durations: Durations,
+    /// Builds a slot's plan; `source` says on which thread.
+    builder: PlanBuilder<'f, 'i>,
+    source: PlanSource,
     /// Index `routing_index * mbs + mb`; `None` before first and after last use.
     plans: Vec<Option<TrafficPlan>>,
+    /// Whether each slot's plan has been taken from `source`.
+    built: Vec<bool>,
     /// MLP durations per plan index (kept after the plan is dropped).
     mlp: Vec<Vec<f64>>,
     /// The last collective that uses each plan.
@@ -79,9 +88,16 @@ impl<'f, 'i> Executor<'f, 'i> {
             main_moe_layers,
             mbs,
             program,
-            ranges,
             durations,
+            builder: PlanBuilder {
+                fabric,
+                input,
+                ranges,
+                mbs,
+            },
+            source: PlanSource::Inline,
             plans: (0..slots).map(|_| None).collect(),
+            built: vec![false; slots],
             mlp: vec![Vec::new(); slots],
             last_use: vec![0; slots],
             pos: 0,
@@ -107,8 +123,22 @@ impl<'f, 'i> Executor<'f, 'i> {
         Ok(exec)
     }
 
-    /// Runs the program to the end.
-    pub(crate) fn run(mut self) -> Result<StepOutcome, FabricError> {
+    /// Runs the program to the end, with the plans built ahead on the fabric's plan threads when
+    /// it has more than one and the step more than one plan (see [`crate::ahead`]).
+    pub(crate) fn run(self) -> Result<StepOutcome, FabricError> {
+        let order = self.first_use_order();
+        let threads = self.fabric.plan_threads.min(order.len());
+        if threads <= 1 {
+            return self.execute();
+        }
+        let builder = self.builder.clone();
+        std::thread::scope(|scope| {
+            let source = PlanSource::spawn(scope, &builder, &order, self.plans.len(), threads);
+            Self { source, ..self }.execute()
+        })
+    }
+
+    fn execute(mut self) -> Result<StepOutcome, FabricError> {
         for k in 0..self.program.colls.len() {
             self.run_ops(self.program.trigger_op[k] + 1)?;
             self.collective(k)?;
@@ -150,31 +180,53 @@ impl<'f, 'i> Executor<'f, 'i> {
     }
 
     fn ensure_plan(&mut self, idx: usize) -> Result<(), FabricError> {
-        if !self.mlp[idx].is_empty() || self.plans[idx].is_some() {
+        if self.built.get(idx).copied().unwrap_or(true) {
             return Ok(());
         }
-        let (r, mb) = (idx / self.mbs, idx % self.mbs);
-        let input = self.input;
-        let (routing, origin) = match input.routing.get(r) {
-            Some(routing) => (routing, format!("routing[{r}]")),
-            None => match input.mtp_routing {
-                Some(routing) => (routing, "mtp_routing".to_string()),
-                None => {
-                    return Err(FabricError::invalid(
-                        "routing",
-                        "layers",
-                        "no routing for the MTP layer",
-                    ));
-                }
-            },
-        };
-        let placement = &input.placements[if input.placements.len() == 1 { 0 } else { r }];
-        let plan = self
-            .fabric
-            .plan(placement, routing, &self.ranges[mb], &origin)?;
-        self.mlp[idx] = mlp_durations(self.fabric, &plan, input);
+        let (plan, mlp) = self.source.take(idx, &self.builder)?;
+        self.mlp[idx] = mlp;
         self.plans[idx] = Some(plan);
+        self.built[idx] = true;
         Ok(())
+    }
+
+    /// Plan slots in the order the executor first needs them, each once.
+    fn first_use_order(&self) -> Vec<usize> {
+        let mut seen = vec![false; self.plans.len()];
+        let mut order = Vec::with_capacity(self.plans.len());
+        let mut need = |idx: usize| {
+            if let Some(s) = seen.get_mut(idx)
+                && !*s
+            {
+                *s = true;
+                order.push(idx);
+            }
+        };
+        let mut pos = 0;
+        let mlp_slot = |pos: usize| {
+            let op = self.program.ops[pos];
+            match self.layers.get(op.layer as usize) {
+                Some(LayerKind::Moe(i)) if op.stage == StageKind::Mlp => {
+                    Some(self.plan_index(*i, op.mb))
+                }
+                _ => None,
+            }
+        };
+        for (k, coll) in self.program.colls.iter().enumerate() {
+            while pos < self.program.trigger_op[k] + 1 {
+                if let Some(idx) = mlp_slot(pos) {
+                    need(idx);
+                }
+                pos += 1;
+            }
+            need(self.plan_index(coll.moe_index, coll.mb));
+        }
+        for p in pos..self.program.ops.len() {
+            if let Some(idx) = mlp_slot(p) {
+                need(idx);
+            }
+        }
+        order
     }
 
     fn duration(&mut self, stage: StageKind, layer: u32, m: usize, g: usize) -> f64 {
@@ -391,18 +443,6 @@ fn durations(fabric: &Fabric, input: &StepInput<'_>, ranges: &[Vec<(usize, usize
         }
     }
     d
-}
-
-fn mlp_durations(fabric: &Fabric, plan: &TrafficPlan, input: &StepInput<'_>) -> Vec<f64> {
-    if fabric.mode == Mode::Analysis {
-        return vec![0.0; plan.num_gpus()];
-    }
-    let c = &fabric.cost;
-    plan.pairs
-        .iter()
-        .zip(&plan.active_experts)
-        .map(|(&p, &a)| c.time_us(&c.routed_experts(u64::from(p), u64::from(a)), input.phase))
-        .collect()
 }
 
 /// Token ranges of each micro-batch on each rank.

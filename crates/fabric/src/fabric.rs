@@ -55,7 +55,12 @@ pub struct Fabric {
     pub(crate) comm: CommModel,
     pub(crate) mode: Mode,
     pub(crate) path: DispatchPath,
+    /// Threads that build a step's traffic plans (1: on the calling thread, as needed).
+    pub(crate) plan_threads: usize,
 }
+
+/// Most threads a step builds plans on by default.
+pub const MAX_DEFAULT_PLAN_THREADS: usize = 8;
 
 /// Bytes and time of one request's KV transfer from a prefill to a decode instance.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -66,6 +71,13 @@ pub struct KvTransfer {
     pub bytes: f64,
     /// Time from the first byte sent to the last byte received, µs.
     pub duration_us: f64,
+}
+
+/// The host's available parallelism, at most [`MAX_DEFAULT_PLAN_THREADS`] (1 when unknown).
+fn default_plan_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_DEFAULT_PLAN_THREADS)
 }
 
 impl Fabric {
@@ -109,7 +121,28 @@ impl Fabric {
             comm,
             mode,
             path,
+            plan_threads: default_plan_threads(),
         })
+    }
+
+    /// The same fabric building each step's traffic plans on `threads` threads; 0 restores the
+    /// default (the host's available parallelism, at most [`MAX_DEFAULT_PLAN_THREADS`]).
+    ///
+    /// Plans are pure functions of routing, placement and token ranges, and the step consumes
+    /// them in a fixed order, so every outcome and trace is bit-identical for any thread count.
+    #[must_use]
+    pub fn with_plan_threads(mut self, threads: usize) -> Self {
+        self.plan_threads = if threads == 0 {
+            default_plan_threads()
+        } else {
+            threads
+        };
+        self
+    }
+
+    /// Threads that build a step's traffic plans.
+    pub fn plan_threads(&self) -> usize {
+        self.plan_threads
     }
 
     /// The hardware profile.

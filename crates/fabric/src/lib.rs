@@ -18,7 +18,9 @@
 //!   DeepEP's path, contention, latency, compute). [`Fabric::simulate_step`] gives a
 //!   [`StepOutcome`] (duration, per-layer times, collectives, an optional [`Trace`] exportable as
 //!   Chrome/Perfetto JSON); [`Fabric::simulate_collective`] one dispatch or combine;
-//!   [`Fabric::kv_transfer`] a prefilled request's KV move.
+//!   [`Fabric::kv_transfer`] a prefilled request's KV move. A step's traffic plans are built
+//!   ahead on [`Fabric::plan_threads`] threads (default: the host's parallelism, at most
+//!   [`MAX_DEFAULT_PLAN_THREADS`]; [`Fabric::with_plan_threads`]), bit-identically for any count.
 //! - [`paper_analysis`]: the paper's closed-form table; [`SyntheticRouting`]: seeded routings;
 //!   [`Scenario`]: a whole synthetic step from a TOML file (`config/sim/*.toml`).
 //!
@@ -63,6 +65,7 @@
 //! # }
 //! ```
 
+mod ahead;
 mod analysis;
 mod batch;
 mod cost;
@@ -89,7 +92,9 @@ pub use analysis::{PaperAnalysis, PaperAssumptions, paper_analysis};
 pub use batch::{AttentionLoad, Phase, RankBatch, RequestSlot, StepBatch};
 pub use cost::{CostModel, Roofline, StageCost};
 pub use error::FabricError;
-pub use fabric::{DISPATCH_SCALE_BYTES_PER_128, Fabric, FabricConfig, KvTransfer, Mode};
+pub use fabric::{
+    DISPATCH_SCALE_BYTES_PER_128, Fabric, FabricConfig, KvTransfer, MAX_DEFAULT_PLAN_THREADS, Mode,
+};
 pub use link::{LinkSim, Transfer, TransferId};
 pub use network::{CollectiveKind, CollectiveResult, LinkBusy, simultaneous_finish};
 pub use placement::ExpertPlacement;

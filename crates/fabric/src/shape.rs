@@ -316,7 +316,7 @@ impl ModelShape {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }
 
-    /// Attention parameters of one layer: 187.1M for DeepSeek-V3 (deepseek-facts.md §5.1 [D]).
+    /// Attention parameters of one layer: 187.1M for DeepSeek-V3 (deepseek-facts.md §5.1 \[D\]).
     pub fn attention_params(&self) -> u64 {
         let h = self.hidden_size;
         let heads = self.num_attention_heads;

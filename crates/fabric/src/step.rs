@@ -9,8 +9,10 @@
 //!
 //! Routing reuse: MoE layer `i` of the modeled model uses `routing[i % routing.len()]`; the MTP
 //! layer uses `mtp_routing` when given, else the next layer in the same cycle. Traffic plans are
-//! built once per distinct routing layer and micro-batch, when first needed, and dropped after
-//! their last collective (the executor is in [`crate::exec`]).
+//! built once per distinct routing layer and micro-batch — ahead, on the fabric's plan threads
+//! ([`Fabric::with_plan_threads`]), or when first needed with one thread — and dropped after
+//! their last collective (the executor is in [`crate::exec`], the plan workers in
+//! [`crate::ahead`]). The result is bit-identical for any thread count.
 //!
 //! Invariants: each GPU's compute ops never overlap and never go back in time; a step's duration
 //! is the last op's end; every routed copy is either local or carried by a flow.

@@ -21,7 +21,7 @@ use crate::shape::ModelShape;
 use crate::synthetic::{RoutingKind, SyntheticRouting};
 
 /// DeepEP's low-latency kernels as first published (README at ebfe47e; deepseek-facts.md §4.2
-/// [P]): (EP size, dispatch µs, combine µs) at 128 tokens per GPU, hidden 7168, top-8, FP8
+/// \[P\]): (EP size, dispatch µs, combine µs) at 128 tokens per GPU, hidden 7168, top-8, FP8
 /// dispatch, BF16 combine, one CX7 400 Gb/s NIC per H800.
 pub const DEEPEP_LOW_LATENCY_V1: [(u32, f64, f64); 6] = [
     (8, 163.0, 318.0),

@@ -276,3 +276,70 @@ fn an_unknown_profile_in_a_scenario_is_an_error() {
     let err = s.build().unwrap_err().to_string();
     assert!(err.contains("h900") && err.contains("h800"), "{err}");
 }
+
+/// The outcome and the trace of a step as JSON, with plans built on `threads` threads.
+fn step_json(run: &mut pdserve_fabric::ScenarioRun, threads: usize) -> (String, String) {
+    run.fabric = run.fabric.clone().with_plan_threads(threads);
+    assert_eq!(run.fabric.plan_threads(), threads);
+    let out = run.run(true).unwrap();
+    let trace = serde_json::to_string(out.trace.as_ref().unwrap()).unwrap();
+    (serde_json::to_string(&out).unwrap(), trace)
+}
+
+#[test]
+fn plans_built_on_any_number_of_threads_give_bit_identical_outcomes_and_traces() {
+    // 4 nodes, 7 distinct routing layers (14 plans) plus the MTP layer; prefill over 4 nodes.
+    let mut decode = scenario("decode-ep144", 7);
+    decode.ep_size = 32;
+    decode.mtp = true;
+    let prefill = scenario("prefill-ep32", 3);
+    for s in [&decode, &prefill] {
+        let mut run = s.build().unwrap();
+        let one = step_json(&mut run, 1);
+        for threads in [2, 4, 16] {
+            let many = step_json(&mut run, threads);
+            assert!(one.0 == many.0, "outcome differs with {threads} threads");
+            assert!(one.1 == many.1, "trace differs with {threads} threads");
+        }
+    }
+}
+
+#[test]
+fn the_first_plan_error_is_the_same_for_any_number_of_threads() {
+    let batch = StepBatch::uniform(16, 2, 100, 1);
+    let good = ExpertPlacement::contiguous(256, 16).unwrap();
+    let tokens = batch.tokens_per_rank();
+    let bad = |expert: u16| LayerRouting::new(8, &tokens, vec![expert; 8 * 32]).unwrap();
+    // Layers 2 and 4 name unknown experts: layer 2's plan is needed first.
+    let routing = vec![
+        routing_for(&batch, 0),
+        routing_for(&batch, 8),
+        bad(300),
+        routing_for(&batch, 16),
+        bad(400),
+    ];
+    let err = |threads: usize| {
+        let f = small_fabric().with_plan_threads(threads);
+        try_step(&f, &batch, &routing, &good)
+            .unwrap_err()
+            .to_string()
+    };
+    let one = err(1);
+    assert!(
+        one.contains("routing[2]") && one.contains("expert 300"),
+        "{one}"
+    );
+    for threads in [2, 3, 8] {
+        assert_eq!(err(threads), one, "{threads} threads");
+    }
+}
+
+#[test]
+fn zero_plan_threads_means_the_hosts_parallelism() {
+    let f = small_fabric().with_plan_threads(3).with_plan_threads(0);
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        f.plan_threads(),
+        host.min(pdserve_fabric::MAX_DEFAULT_PLAN_THREADS)
+    );
+}
