@@ -73,6 +73,7 @@ mod error;
 mod exec;
 mod fabric;
 mod link;
+mod named;
 mod network;
 mod placement;
 mod plan;

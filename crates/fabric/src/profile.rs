@@ -7,11 +7,10 @@
 //!
 //! Invariant: a `HardwareProfile` obtained from this module's constructors is valid.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FabricError, require_non_negative, require_positive};
+use crate::named;
 
 /// The profiles shipped with pdserve: (name, TOML text).
 const BUILTIN: &[(&str, &str)] = &[
@@ -142,36 +141,18 @@ impl HardwareProfile {
 
     /// A built-in profile by name.
     pub fn builtin(name: &str) -> Result<Self, FabricError> {
-        let (_, text) =
-            BUILTIN
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| FabricError::UnknownName {
-                    kind: "hardware profile",
-                    name: name.to_string(),
-                    known: Self::builtin_names().join(", "),
-                })?;
-        Self::from_toml_str(text, name)
+        Self::from_toml_str(
+            named::builtin_text("hardware profile", BUILTIN, name)?,
+            name,
+        )
     }
 
     /// A built-in profile by name, or else the TOML file at that path.
     pub fn load(name_or_path: &str) -> Result<Self, FabricError> {
-        if BUILTIN.iter().any(|(n, _)| *n == name_or_path) {
-            return Self::builtin(name_or_path);
-        }
-        let path = Path::new(name_or_path);
-        if !path.exists() {
-            return Err(FabricError::UnknownName {
-                kind: "hardware profile",
-                name: name_or_path.to_string(),
-                known: Self::builtin_names().join(", "),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| FabricError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml_str(&text, name_or_path)
+        Self::from_toml_str(
+            &named::builtin_or_file("hardware profile", BUILTIN, name_or_path)?,
+            name_or_path,
+        )
     }
 
     /// Parses and validates a profile; `origin` names the document in errors.

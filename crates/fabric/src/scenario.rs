@@ -5,8 +5,6 @@
 //! path. Unknown keys are errors. Everything random (routing, context lengths) is drawn from
 //! `seed`.
 
-use std::path::Path;
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -14,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{Phase, RankBatch, RequestSlot, StepBatch};
 use crate::error::FabricError;
 use crate::fabric::{Fabric, FabricConfig, Mode};
+use crate::named;
 use crate::placement::ExpertPlacement;
 use crate::plan::DispatchPath;
 use crate::profile::HardwareProfile;
@@ -230,22 +229,10 @@ impl Scenario {
 
     /// A built-in scenario by name, or else the TOML file at that path.
     pub fn load(name_or_path: &str) -> Result<Self, FabricError> {
-        if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
-            return Self::from_toml_str(text, name_or_path);
-        }
-        let path = Path::new(name_or_path);
-        if !path.exists() {
-            return Err(FabricError::UnknownName {
-                kind: "step config",
-                name: name_or_path.to_string(),
-                known: Self::builtin_names().join(", "),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| FabricError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml_str(&text, name_or_path)
+        Self::from_toml_str(
+            &named::builtin_or_file("step config", BUILTIN, name_or_path)?,
+            name_or_path,
+        )
     }
 
     /// Parses a scenario; `origin` names it in errors.

@@ -9,11 +9,10 @@
 //!
 //! Invariant: a `ModelShape` from this module's constructors is valid ([`ModelShape::validate`]).
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::FabricError;
+use crate::named;
 
 /// Model configs shipped with pdserve: (name, `config.json` text).
 const BUILTIN: &[(&str, &str)] = &[
@@ -120,36 +119,15 @@ impl ModelShape {
 
     /// A built-in shape by name.
     pub fn builtin(name: &str) -> Result<Self, FabricError> {
-        let (_, text) =
-            BUILTIN
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| FabricError::UnknownName {
-                    kind: "model shape",
-                    name: name.to_string(),
-                    known: Self::builtin_names().join(", "),
-                })?;
-        Self::from_config_json(text, name)
+        Self::from_config_json(named::builtin_text("model shape", BUILTIN, name)?, name)
     }
 
     /// A built-in shape by name, or else the `config.json` at that path.
     pub fn load(name_or_path: &str) -> Result<Self, FabricError> {
-        if BUILTIN.iter().any(|(n, _)| *n == name_or_path) {
-            return Self::builtin(name_or_path);
-        }
-        let path = Path::new(name_or_path);
-        if !path.exists() {
-            return Err(FabricError::UnknownName {
-                kind: "model shape",
-                name: name_or_path.to_string(),
-                known: Self::builtin_names().join(", "),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| FabricError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_config_json(&text, name_or_path)
+        Self::from_config_json(
+            &named::builtin_or_file("model shape", BUILTIN, name_or_path)?,
+            name_or_path,
+        )
     }
 
     /// Parses and validates a `config.json`; `origin` names it in errors.
