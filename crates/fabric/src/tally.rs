@@ -6,12 +6,15 @@
 //!   mask for the usual one or two copies; experts whose choice is fixed for a source GPU
 //!   (one copy, a copy on the source, a copy in the source's domain) are patched in per source and
 //!   restored after it.
-//! - For a fixed source, the NVLink cell (sender, receiver index) of a copy identifies its GPU, so
-//!   deduplicating cells per token is deduplicating GPUs: each cell keeps `count << 32 | last
-//!   token` and counts a token once. A token's domains are a bit mask (up to 64 domains; beyond,
-//!   both are deduplicated by pairwise comparison within the token). Hops that need no NVLink (the
-//!   copy's GPU is its own sender: the source itself, or the forwarder) fall on the diagonal of the
-//!   cell matrix and are dropped at the end.
+//! - For a fixed source, a token reaches each GPU at most once and each domain at most once,
+//!   however many of its experts live there. The source's tokens go in chunks of up to 64; every
+//!   copy sets its token's bit in its GPU's column word, so after the chunk a column's population
+//!   count is the tokens that GPU receives (its NVLink hops, from the source inside its domain,
+//!   from the forwarder elsewhere) and the union of a domain's columns gives the tokens that cross
+//!   the NIC to it. Flushing a column is a few vector operations, not a per-copy branch. Beyond
+//!   64 domains (or with a `key mod 3` replica choice) a pairwise comparison within the token
+//!   deduplicates instead. Hops that need no NVLink (to the sender itself: the source, or the
+//!   forwarder) are dropped.
 //! - Everything is indexed by dense ids; no maps, no per-copy allocation.
 //!
 //! It declines (returns `None`) where the reference rule must run: routings that name serving GPUs,
@@ -209,20 +212,30 @@ pub(crate) fn count(
         tokens: vec![0u32; n],
         copies_out: vec![0u32; n],
     };
-    // NVLink cells (sender × receiver index): hops from the source itself, hops from forwarders.
-    let mut own = vec![0u32; n * dg];
-    let mut fwd = vec![0u32; n * dg];
-    // The lean loop's cells: (count << 32 | last token), sources' own hops then forwarders'.
-    let mut cells = vec![u64::from(u32::MAX); 2 * n * dg];
-    let mut tok = 0u32;
-    let packed: Vec<u64> = info
-        .iter()
-        .map(|i| {
-            let remote =
-                (n * dg) as u64 + u64::from(i.domain) * (dg * dg) as u64 + u64::from(i.index);
-            u64::from(i.domain) | u64::from(i.index) << 16 | remote << 32
-        })
-        .collect();
+    // The pairwise loop's NVLink cells (sender × receiver index): the source's own hops, then
+    // forwarders' hops.
+    let mut own = Vec::new();
+    let mut fwd = Vec::new();
+    // The column loop (see `forwarded_lean`): token bits per GPU, and per slot its copies | GPU
+    // << 32 | domain << 48. It needs domains ≤ 64, GPU ids below 2^16 and no division in the
+    // replica choice; the pairwise loop takes the rest.
+    let lean = !direct
+        && domains <= 64
+        && n <= 1 << 16
+        && total_tokens * top_k < u32::MAX as usize
+        && choice.iter().all(|c| c.mask != Choice::DIVIDE);
+    let mut cols = vec![0u64; if lean { n } else { 0 }];
+    let mut slots: Vec<u64> = if lean {
+        info.iter()
+            .map(|i| u64::from(i.gpu) << 32 | u64::from(i.domain) << 48)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if !direct && !lean {
+        own = vec![0u32; n * dg];
+        fwd = vec![0u32; n * dg];
+    }
     for (src, &(lo, hi)) in ranges.iter().enumerate().take(n) {
         c.tokens[src] = (hi - lo) as u32;
         c.copies_out[src] = ((hi - lo) * top_k) as u32;
@@ -239,13 +252,11 @@ pub(crate) fn count(
         };
         let known = if direct {
             direct_source(&source, ids, top_k, &choice, &info, &mut c, n)
-        } else if domains <= 64 && top_k == 8 {
-            forwarded_lean::<8>(
-                &source, ids, 8, &choice, &packed, &mut c, &mut cells, &mut tok, dg,
-            )
-        } else if domains <= 64 {
+        } else if lean && top_k == 8 {
+            forwarded_lean::<8>(&source, ids, 8, &choice, &mut slots, &mut c, &mut cols, dg)
+        } else if lean {
             forwarded_lean::<0>(
-                &source, ids, top_k, &choice, &packed, &mut c, &mut cells, &mut tok, dg,
+                &source, ids, top_k, &choice, &mut slots, &mut c, &mut cols, dg,
             )
         } else {
             forwarded_source(
@@ -259,14 +270,15 @@ pub(crate) fn count(
             choice[e as usize] = default[e as usize];
         }
     }
-    if !direct && domains <= 64 {
-        let (o, f) = cells.split_at(n * dg);
-        for (cell, (a, b)) in o.iter().zip(f).enumerate() {
-            own[cell] = (a >> 32) as u32;
-            fwd[cell] = (b >> 32) as u32;
+    for (hits, &slot) in c.hits.iter_mut().zip(&slots) {
+        *hits = slot as u32;
+    }
+    if lean {
+        for (cell, &f) in c.nvl.iter_mut().zip(&c.nvl_fwd) {
+            *cell += f;
         }
     }
-    if !direct {
+    if !direct && !lean {
         for (from, &index) in idx.iter().enumerate().take(n) {
             let diagonal = from * dg + index as usize;
             own[diagonal] = 0;
@@ -372,13 +384,14 @@ fn forwarded_source(
     true
 }
 
-/// Counts one source's tokens on the forwarded path with at most 64 domains: a token's domains
-/// are a bit mask, its GPUs deduplicated by stamping NVLink cells with the token. `K` is `top_k`
-/// when known at compile time (8: DeepSeek-V3), else 0. False at an unknown expert id.
+/// Counts one source's tokens on the forwarded path with at most 64 domains. Tokens go in chunks
+/// of up to 64: each copy sets its token's bit in its GPU's column (`cols[gpu]`), so a token
+/// counts once per GPU however many of its experts the GPU serves, and once per domain in the
+/// union of the domain's columns. `K` is `top_k` when known at compile time (8: DeepSeek-V3),
+/// else 0. False at an unknown expert id.
 ///
-/// `packed[slot]` = domain | index << 16 | (forwarder-cell base) << 32; `cells` holds
-/// `count << 32 | last token` for the source's own hops (`sender × index`, first half) and the
-/// forwarders' hops (second half).
+/// `slots[slot]` = copies | GPU << 32 | domain << 48 (copies counted here); every replica choice
+/// is a mask; `cols` (one word per GPU) is all zero on entry and exit.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn forwarded_lean<const K: usize>(
@@ -386,48 +399,80 @@ fn forwarded_lean<const K: usize>(
     ids: &[u16],
     top_k: usize,
     choice: &[Choice],
-    packed: &[u64],
+    slots: &mut [u64],
     c: &mut Counts,
-    cells: &mut [u64],
-    tok: &mut u32,
+    cols: &mut [u64],
     dg: usize,
 ) -> bool {
     let k = if K > 0 { K } else { top_k };
-    let nic_row = s.src * c.nic_cols;
-    let own_base = s.src * dg;
-    let fwd_off = s.index * dg;
-    let s_domain = u64::from(s.domain);
-    let own_bit = 1u64 << s.domain;
-    for (t, chosen) in ids.chunks_exact(k).enumerate() {
-        let key = (s.lo + t + s.src) as u32;
-        *tok = tok.wrapping_add(1);
-        let stamp = u64::from(*tok);
-        let mut seen = 0u64;
-        for &e in &chosen[..k] {
-            let Some(ch) = choice.get(usize::from(e)) else {
-                return false;
-            };
-            let slot = ch.slot(key + u32::from(e));
-            c.hits[slot] += 1;
-            let p = packed[slot];
-            let d = p & 0xffff;
-            seen |= 1u64 << d;
-            let cell = if d == s_domain {
-                own_base + ((p >> 16) & 0xffff) as usize
-            } else {
-                (p >> 32) as usize + fwd_off
-            };
-            let v = cells[cell];
-            let new = u64::from(v & 0xffff_ffff != stamp);
-            cells[cell] = (((v >> 32) + new) << 32) | stamp;
-        }
-        seen &= !own_bit;
+    for (chunk, tokens) in ids.chunks(64 * k).enumerate() {
+        let first = (s.lo + s.src + 64 * chunk) as u32;
+        let Some(mut seen) = mark::<K>(tokens, k, first, choice, slots, cols) else {
+            return false;
+        };
         while seen != 0 {
-            c.nic[nic_row + seen.trailing_zeros() as usize] += 1;
+            let d = seen.trailing_zeros() as usize;
             seen &= seen - 1;
+            flush_domain(s, d, c, &mut cols[d * dg..(d + 1) * dg], dg);
         }
     }
     true
+}
+
+/// The per-copy loop of [`forwarded_lean`] for one chunk of up to 64 tokens (the first with
+/// replica key `first`): counts each copy on its slot, sets the token's bit in its GPU's column,
+/// and returns the domains touched (a bit each); `None` at an unknown expert. Kept out of line so
+/// that its few values stay in registers.
+#[inline(never)]
+fn mark<const K: usize>(
+    tokens: &[u16],
+    k: usize,
+    first: u32,
+    choice: &[Choice],
+    slots: &mut [u64],
+    cols: &mut [u64],
+) -> Option<u64> {
+    let k = if K > 0 { K } else { k };
+    let mut seen = 0u64;
+    for (t, chosen) in tokens.chunks_exact(k).enumerate() {
+        let key = first + t as u32;
+        let bit = 1u64 << t;
+        for &e in &chosen[..k] {
+            let ch = choice.get(usize::from(e))?;
+            let v = slots.get_mut((ch.base + ((key + u32::from(e)) & ch.mask)) as usize)?;
+            *v += 1;
+            let p = *v;
+            *cols.get_mut(((p >> 32) & 0xffff) as usize)? |= bit;
+            seen |= 1u64 << (p >> 48);
+        }
+    }
+    Some(seen)
+}
+
+/// Adds one chunk's columns of domain `d` to the counts and clears them: a GPU's tokens are its
+/// NVLink hops (from the source in its own domain, else from the forwarder; none to the hop's own
+/// sender), the union over the domain's GPUs its NIC copies (none inside the source's domain).
+/// Hops go to `c.nvl` from the source and to `c.nvl_fwd` from a forwarder; the caller adds the
+/// forwarded ones to `c.nvl` at the end.
+#[inline(always)]
+fn flush_domain(s: &Source, d: usize, c: &mut Counts, cols: &mut [u64], dg: usize) {
+    let local = d == s.domain as usize;
+    // The sender of this domain's hops and the receiver index it skips (itself).
+    let from = if local { s.src } else { d * dg + s.index };
+    let cells = if local { &mut c.nvl } else { &mut c.nvl_fwd };
+    let row = &mut cells[from * dg..(from + 1) * dg];
+    let own = cols[from % dg].count_ones();
+    let mut union = 0u64;
+    // A plain loop over the domain's columns (vectorized).
+    for (cell, col) in row.iter_mut().zip(cols.iter_mut()) {
+        *cell += col.count_ones();
+        union |= *col;
+        *col = 0;
+    }
+    row[from % dg] -= own;
+    if !local {
+        c.nic[s.src * c.nic_cols + d] += union.count_ones();
+    }
 }
 
 #[cfg(test)]
@@ -441,13 +486,12 @@ mod tests {
 
     /// The fast counts and the reference's, for one random micro-batch.
     fn both(
-        hardware: &str,
-        gpus: u32,
-        top_k: usize,
+        (hardware, gpus, top_k): (&str, u32, usize),
         redundant: u32,
         triple: bool,
         seed: u64,
         direct: bool,
+        max_tokens: u32,
     ) -> (Option<Counts>, Counts) {
         let topo = Topology::new(&HardwareProfile::builtin(hardware).unwrap(), gpus).unwrap();
         let kind = if seed.is_multiple_of(2) {
@@ -456,7 +500,9 @@ mod tests {
             RoutingKind::NodeLimited
         };
         let router = SyntheticRouting::new(256, top_k, 8, 4, kind).unwrap();
-        let per_rank: Vec<u32> = (0..gpus).map(|g| 1 + (g + seed as u32) % 7).collect();
+        let per_rank: Vec<u32> = (0..gpus)
+            .map(|g| 1 + ((g + seed as u32) * 37) % max_tokens)
+            .collect();
         let routing = router.generate(&per_rank, seed, 0).unwrap();
         let mut placement = ExpertPlacement::contiguous(256, gpus)
             .unwrap()
@@ -498,7 +544,7 @@ mod tests {
                 ("gb200-nvl72", 144, 8),
                 ("h800", 8, 8),
             ][shape];
-            let (fast, reference) = both(hardware, gpus, top_k, redundant, triple, seed, direct);
+            let (fast, reference) = both((hardware, gpus, top_k), redundant, triple, seed, direct, 7);
             prop_assert_eq!(fast, Some(reference));
         }
     }
@@ -506,8 +552,17 @@ mod tests {
     #[test]
     fn more_than_64_domains_use_pairwise_deduplication_with_the_same_counts() {
         // 576 GPUs = 72 H800 nodes.
-        let (fast, reference) = both("h800", 576, 8, 32, true, 3, false);
+        let (fast, reference) = both(("h800", 576, 8), 32, true, 3, false, 7);
         assert_eq!(fast, Some(reference));
+    }
+
+    #[test]
+    fn sources_with_more_than_one_chunk_of_tokens_count_like_the_reference() {
+        // Up to 200 tokens per GPU: several 64-token chunks per source, on both paths.
+        for (seed, direct) in [(4, false), (5, false), (6, true)] {
+            let (fast, reference) = both(("h800", 32, 8), 8, false, seed, direct, 200);
+            assert_eq!(fast, Some(reference));
+        }
     }
 
     #[test]
