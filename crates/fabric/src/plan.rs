@@ -113,8 +113,9 @@ impl FlowSet {
                 set.latency_us.push(l);
             }
         }
-        let (by_src, src_offsets) = group(num_gpus, &set.src, &set.units);
-        let (by_dst, dst_offsets) = group(num_gpus, &set.dst, &set.units);
+        let by_units = by_units(&set.units);
+        let (by_src, src_offsets) = group(num_gpus, &set.src, &by_units);
+        let (by_dst, dst_offsets) = group(num_gpus, &set.dst, &by_units);
         set.by_src = by_src;
         set.src_offsets = src_offsets;
         set.dst_latency_us = shared_latency(&by_dst, &dst_offsets, &set.latency_us);
@@ -177,8 +178,38 @@ fn shared_latency(order: &[u32], offsets: &[u32], latency_us: &[f64]) -> Vec<f64
         .collect()
 }
 
-/// Flow indices grouped by `key` (counting sort), ascending `(units, index)` within a group.
-fn group(num_gpus: usize, key: &[u32], units: &[u32]) -> (Vec<u32>, Vec<u32>) {
+/// Flow indices in ascending `(units, index)` order: a stable counting sort when the units are
+/// small (always, for the token copies of one micro-batch), a comparison sort otherwise.
+fn by_units(units: &[u32]) -> Vec<u32> {
+    let max_units = units.iter().copied().max().unwrap_or(0) as usize;
+    if max_units <= 4 * units.len() + 64 {
+        let mut start = vec![0u32; max_units + 2];
+        for &u in units {
+            start[u as usize + 1] += 1;
+        }
+        for u in 0..=max_units {
+            start[u + 1] += start[u];
+        }
+        let mut order = vec![0u32; units.len()];
+        for (i, &u) in units.iter().enumerate() {
+            order[start[u as usize] as usize] = i as u32;
+            start[u as usize] += 1;
+        }
+        return order;
+    }
+    // (units, index) packed in one integer: one cheap comparison per step of the sort.
+    let mut packed: Vec<u64> = units
+        .iter()
+        .enumerate()
+        .map(|(i, &u)| (u64::from(u) << 32) | i as u64)
+        .collect();
+    packed.sort_unstable();
+    packed.into_iter().map(|p| p as u32).collect()
+}
+
+/// Flow indices grouped by `key`, each group in the order of `by_units` (a stable counting sort
+/// by key), with the group offsets.
+fn group(num_gpus: usize, key: &[u32], by_units: &[u32]) -> (Vec<u32>, Vec<u32>) {
     let mut offsets = vec![0u32; num_gpus + 1];
     for &k in key {
         offsets[k as usize + 1] += 1;
@@ -187,58 +218,13 @@ fn group(num_gpus: usize, key: &[u32], units: &[u32]) -> (Vec<u32>, Vec<u32>) {
         offsets[g + 1] += offsets[g];
     }
     let mut fill = offsets.clone();
-    let max_units = units.iter().copied().max().unwrap_or(0) as usize;
-    if max_units <= 4 * key.len() + 64 {
-        // Two stable counting sorts, by units then by key: grouped by key, ascending units,
-        // ties in index order — the same order as sorting (units, index), without branches.
-        let mut start = vec![0u32; max_units + 2];
-        for &u in units {
-            start[u as usize + 1] += 1;
-        }
-        for u in 0..=max_units {
-            start[u + 1] += start[u];
-        }
-        let mut by_units = vec![0u32; key.len()];
-        for (i, &u) in units.iter().enumerate() {
-            by_units[start[u as usize] as usize] = i as u32;
-            start[u as usize] += 1;
-        }
-        let mut order = vec![0u32; key.len()];
-        for &i in &by_units {
-            let k = key[i as usize] as usize;
-            order[fill[k] as usize] = i;
-            fill[k] += 1;
-        }
-        return (order, offsets);
+    let mut order = vec![0u32; key.len()];
+    for &i in by_units {
+        let k = key[i as usize] as usize;
+        order[fill[k] as usize] = i;
+        fill[k] += 1;
     }
-    // (units, index) packed in one integer: one cheap comparison per step of the sort.
-    let mut packed = vec![0u64; key.len()];
-    for (i, &k) in key.iter().enumerate() {
-        packed[fill[k as usize] as usize] = (u64::from(units[i]) << 32) | i as u64;
-        fill[k as usize] += 1;
-    }
-    for g in 0..num_gpus {
-        sort_small(&mut packed[offsets[g] as usize..offsets[g + 1] as usize]);
-    }
-    let order = packed.iter().map(|&p| p as u32).collect();
     (order, offsets)
-}
-
-/// Sorts a group of flows: insertion sort for the usual few dozen, the library's sort beyond.
-fn sort_small(v: &mut [u64]) {
-    if v.len() > 32 {
-        v.sort_unstable();
-        return;
-    }
-    for i in 1..v.len() {
-        let x = v[i];
-        let mut j = i;
-        while j > 0 && v[j - 1] > x {
-            v[j] = v[j - 1];
-            j -= 1;
-        }
-        v[j] = x;
-    }
 }
 
 /// One micro-batch's traffic and expert load.
@@ -594,7 +580,7 @@ mod tests {
         for scale in [3u32, 1_000_000] {
             let key: Vec<u32> = (0..200u32).map(|i| (i * 7) % 13).collect();
             let units: Vec<u32> = (0..200u32).map(|i| ((i * 31) % 17) * scale).collect();
-            let (order, offsets) = group(13, &key, &units);
+            let (order, offsets) = group(13, &key, &by_units(&units));
             for g in 0..13 {
                 let got = &order[offsets[g] as usize..offsets[g + 1] as usize];
                 let mut want: Vec<u32> = (0..200u32)
