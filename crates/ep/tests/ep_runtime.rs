@@ -289,8 +289,8 @@ fn dispatch_and_combine_move_every_pair_once_each_way() {
 /// The (source, destination) copy counts of a fabric flow set, `[src × d + dst]`.
 fn flow_matrix(flows: &pdserve_fabric::FlowSet, d: usize) -> Vec<u64> {
     let mut m = vec![0u64; d * d];
-    for ((&s, &t), &u) in flows.src.iter().zip(&flows.dst).zip(&flows.units) {
-        m[s as usize * d + t as usize] += u64::from(u);
+    for f in flows.flows() {
+        m[f.src as usize * d + f.dst as usize] += u64::from(f.units);
     }
     m
 }

@@ -99,7 +99,7 @@ pub use fabric::{
 pub use link::{LinkSim, Transfer, TransferId};
 pub use network::{CollectiveKind, CollectiveResult, LinkBusy, simultaneous_finish};
 pub use placement::ExpertPlacement;
-pub use plan::{DispatchPath, FlowSet, PackedFlow, TrafficPlan};
+pub use plan::{DispatchPath, Flow, FlowSet, PackedFlow, TrafficPlan};
 pub use profile::{
     AnalysisLink, Efficiency, GpuSpec, HardwareProfile, NodeSpec, ScaleOutSpec, ScaleUpSpec,
 };

@@ -244,10 +244,22 @@ impl CollectiveSim<'_> {
         let n = issue_us.len();
         let f = st.flows;
         // In a combine the flows run backwards: tx groups are the dispatch destinations.
-        let (packed, tx_off, tx_end, rx_latency) = if st.reverse {
-            (&f.packed_by_dst, &f.dst_offsets, &f.dst, &f.src_latency_us)
+        let (packed, tx_off, rx_flows, rx_off, rx_latency) = if st.reverse {
+            (
+                &f.by_dst,
+                &f.dst_offsets,
+                &f.by_src,
+                &f.src_offsets,
+                &f.src_latency_us,
+            )
         } else {
-            (&f.packed_by_src, &f.src_offsets, &f.src, &f.dst_latency_us)
+            (
+                &f.by_src,
+                &f.src_offsets,
+                &f.by_dst,
+                &f.dst_offsets,
+                &f.dst_latency_us,
+            )
         };
         let waits_all = st.reverse && st.class_tx == LinkClass::NicTx;
         scratch.reset();
@@ -276,7 +288,7 @@ impl CollectiveSim<'_> {
                     served
                 };
                 let dst = flow.rx as usize;
-                scratch.arrival[dst] = scratch.arrival[dst].max(done + flow.latency_us);
+                scratch.arrival[dst] = scratch.arrival[dst].max(done + f.latency_us(flow));
                 // Receive side: a work-conserving sweep in start order gives the link's makespan.
                 scratch.rx_end[dst] = scratch.rx_end[dst].max(t0) + bytes * inv_bw;
                 if self.record_links {
@@ -311,21 +323,16 @@ impl CollectiveSim<'_> {
             let shared = rx_latency[g];
             let last_arrival = if shared.is_nan() {
                 // Flows with different latencies: run the link to get each flow's own finish.
-                let (rx_order, rx_off) = if st.reverse {
-                    (&f.by_src, &f.src_offsets)
-                } else {
-                    (&f.by_dst, &f.dst_offsets)
-                };
+                // In the other grouping, `rx` is the transmitting end.
                 scratch.starts.clear();
                 scratch.starts.extend(
-                    rx_order[rx_off[g] as usize..rx_off[g + 1] as usize]
+                    rx_flows[rx_off[g] as usize..rx_off[g + 1] as usize]
                         .iter()
-                        .map(|&i| {
-                            let i = i as usize;
+                        .map(|flow| {
                             (
-                                issue_us[tx_end[i] as usize],
-                                f64::from(f.units[i]) * bpu,
-                                f.latency_us[i],
+                                issue_us[flow.rx as usize],
+                                f64::from(flow.units) * bpu,
+                                f.latency_us(flow),
                             )
                         }),
                 );

@@ -45,186 +45,224 @@ pub enum DispatchPath {
     Direct,
 }
 
-/// Flows of one link layer, aggregated per GPU pair, in dispatch direction.
+/// Flows of one link layer, aggregated per GPU pair, in dispatch direction, grouped twice: by
+/// source (the transmit groups of a dispatch) and by destination (those of a combine, whose flows
+/// run backwards). Within a group flows are in ascending `(units, other end)` order.
 #[derive(Debug, Clone, Default)]
 pub struct FlowSet {
-    /// Source GPU of each flow.
-    pub src: Vec<u32>,
-    /// Destination GPU of each flow.
-    pub dst: Vec<u32>,
-    /// Token copies carried.
-    pub units: Vec<u32>,
-    /// Whether the flow carries data that first arrived over the NIC (forwarding).
-    pub forwarded: Vec<bool>,
-    /// Latency of the flow's hop, µs (symmetric: the same in a combine).
-    pub latency_us: Vec<f64>,
-    /// Flow indices grouped by source, ascending units within a group.
-    pub by_src: Vec<u32>,
     /// `by_src[src_offsets[g]..src_offsets[g + 1]]` are GPU `g`'s outgoing flows.
     pub src_offsets: Vec<u32>,
-    /// Flow indices grouped by destination, ascending units within a group.
-    pub by_dst: Vec<u32>,
+    /// The flows grouped by source; `rx` is the destination.
+    pub by_src: Vec<PackedFlow>,
     /// `by_dst[dst_offsets[g]..dst_offsets[g + 1]]` are GPU `g`'s incoming flows.
     pub dst_offsets: Vec<u32>,
-    /// Per GPU: the latency shared by all its incoming flows, NaN when they differ.
-    pub dst_latency_us: Vec<f64>,
-    /// Per GPU: the latency shared by all its outgoing flows, NaN when they differ.
+    /// The flows grouped by destination; `rx` is the source (the receiver in a combine).
+    pub by_dst: Vec<PackedFlow>,
+    /// Per GPU: the latency shared by all its outgoing flows, NaN when they differ or it has none.
     pub src_latency_us: Vec<f64>,
-    /// The flows in `by_src` order, packed for the transmit loop of a dispatch.
-    pub packed_by_src: Vec<PackedFlow>,
-    /// The flows in `by_dst` order, packed for the transmit loop of a combine (whose flows run
-    /// from `dst` to `src`).
-    pub packed_by_dst: Vec<PackedFlow>,
+    /// Per GPU: the latency shared by all its incoming flows, NaN when they differ or it has none.
+    pub dst_latency_us: Vec<f64>,
+    /// The distinct hop latencies, µs, that [`PackedFlow::latency`] indexes.
+    pub latencies_us: Vec<f64>,
 }
 
-/// One flow as a transmit loop reads it: contiguous, no indirection.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One flow as a transmit loop reads it: 12 bytes, no indirection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackedFlow {
     /// Token copies.
     pub units: u32,
-    /// The receiving GPU in this direction.
+    /// The GPU at the other end in this grouping.
     pub rx: u32,
+    /// Whether it carries data that first arrived over the NIC (forwarding).
+    pub forwarded: bool,
+    /// Its hop latency: an index into [`FlowSet::latencies_us`] (symmetric: the same in a
+    /// combine).
+    pub latency: u8,
+}
+
+/// One flow in dispatch direction, as [`FlowSet::flows`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Flow {
+    /// Sending GPU.
+    pub src: u32,
+    /// Receiving GPU.
+    pub dst: u32,
+    /// Token copies.
+    pub units: u32,
     /// Whether it carries forwarded data.
     pub forwarded: bool,
     /// Hop latency, µs.
     pub latency_us: f64,
 }
 
+/// A count matrix to turn into flows: `units[s * cols + c]` copies from GPU `s` to column `c`.
+struct Matrix<'a, D, F> {
+    units: &'a [u32],
+    cols: usize,
+    /// The destination GPU of cell `(s, c)`.
+    dst: D,
+    /// Whether cell `i` carries forwarded data, and its hop latency as an index into
+    /// `latencies_us`.
+    flags: F,
+    /// The hop latencies, µs (at most 256).
+    latencies_us: Vec<f64>,
+}
+
 impl FlowSet {
-    fn from_entries(
-        num_gpus: usize,
-        flows: usize,
-        entries: impl Iterator<Item = (u32, u32, u32, bool, f64)>,
-    ) -> Self {
-        let mut set = FlowSet {
-            src: Vec::with_capacity(flows),
-            dst: Vec::with_capacity(flows),
-            units: Vec::with_capacity(flows),
-            forwarded: Vec::with_capacity(flows),
-            latency_us: Vec::with_capacity(flows),
-            ..FlowSet::default()
-        };
-        for (s, d, u, f, l) in entries {
-            if u > 0 {
-                set.src.push(s);
-                set.dst.push(d);
-                set.units.push(u);
-                set.forwarded.push(f);
-                set.latency_us.push(l);
+    /// The flows of the non-empty cells of `m`. The cells are counted into both groupings by one
+    /// stable counting sort on units (cells in row-major order, so ties go by the other end).
+    fn from_matrix<D, F>(num_gpus: usize, m: Matrix<'_, D, F>) -> Self
+    where
+        D: Fn(u32, u32) -> u32,
+        F: Fn(usize, u32, u32) -> (bool, usize),
+    {
+        let cols = m.cols as u32;
+        // Non-empty cells as (s << 16 | c), row-major; endpoint counts; the largest cell.
+        let mut cells = Vec::with_capacity(m.units.len() / 2);
+        let mut src_offsets = vec![0u32; num_gpus + 1];
+        let mut dst_offsets = vec![0u32; num_gpus + 1];
+        let mut max_units = 0u32;
+        for (s, row) in m.units.chunks_exact(m.cols).enumerate() {
+            for (c, &u) in row.iter().enumerate() {
+                if u > 0 {
+                    let (s, c) = (s as u32, c as u32);
+                    cells.push(s << 16 | c);
+                    src_offsets[s as usize + 1] += 1;
+                    dst_offsets[(m.dst)(s, c) as usize + 1] += 1;
+                    max_units = max_units.max(u);
+                }
             }
         }
-        let by_units = by_units(&set.units);
-        let (by_src, src_offsets) = group(num_gpus, &set.src, &by_units);
-        let (by_dst, dst_offsets) = group(num_gpus, &set.dst, &by_units);
-        set.by_src = by_src;
-        set.src_offsets = src_offsets;
-        set.dst_latency_us = shared_latency(&by_dst, &dst_offsets, &set.latency_us);
-        set.src_latency_us = shared_latency(&set.by_src, &set.src_offsets, &set.latency_us);
-        let pack = |order: &[u32], rx: &[u32]| -> Vec<PackedFlow> {
-            order
-                .iter()
-                .map(|&i| {
-                    let i = i as usize;
-                    PackedFlow {
-                        units: set.units[i],
-                        rx: rx[i],
-                        forwarded: set.forwarded[i],
-                        latency_us: set.latency_us[i],
-                    }
-                })
-                .collect()
+        for g in 0..num_gpus {
+            src_offsets[g + 1] += src_offsets[g];
+            dst_offsets[g + 1] += dst_offsets[g];
+        }
+        let unit_of =
+            |cell: u32| m.units[(cell >> 16) as usize * m.cols + (cell & 0xffff) as usize];
+        let order = by_units(&cells, unit_of, max_units);
+        let blank = PackedFlow {
+            units: 0,
+            rx: 0,
+            forwarded: false,
+            latency: 0,
         };
-        set.packed_by_src = pack(&set.by_src, &set.dst);
-        set.packed_by_dst = pack(&by_dst, &set.src);
-        set.by_dst = by_dst;
+        assert!(
+            m.latencies_us.len() <= 256,
+            "a flow set indexes at most 256 latencies"
+        );
+        let mut set = FlowSet {
+            by_src: vec![blank; cells.len()],
+            by_dst: vec![blank; cells.len()],
+            latencies_us: m.latencies_us,
+            ..FlowSet::default()
+        };
+        let mut src_fill = src_offsets.clone();
+        let mut dst_fill = dst_offsets.clone();
+        for cell in order {
+            let (s, c) = (cell >> 16, cell & 0xffff);
+            let i = s as usize * m.cols + c as usize;
+            let d = (m.dst)(s, c);
+            let (forwarded, latency) = (m.flags)(i, s, d);
+            let flow = PackedFlow {
+                units: m.units[i],
+                rx: d,
+                forwarded,
+                latency: latency as u8,
+            };
+            set.by_src[src_fill[s as usize] as usize] = flow;
+            src_fill[s as usize] += 1;
+            set.by_dst[dst_fill[d as usize] as usize] = PackedFlow { rx: s, ..flow };
+            dst_fill[d as usize] += 1;
+        }
+        debug_assert!(cols as usize == m.cols && m.cols <= 1 << 16 && num_gpus <= 1 << 16);
+        set.src_latency_us = set.shared_latency(&set.by_src, &src_offsets);
+        set.dst_latency_us = set.shared_latency(&set.by_dst, &dst_offsets);
+        set.src_offsets = src_offsets;
         set.dst_offsets = dst_offsets;
         set
     }
 
+    /// Per group: the latency all its flows share, or NaN when they differ (or it is empty).
+    fn shared_latency(&self, flows: &[PackedFlow], offsets: &[u32]) -> Vec<f64> {
+        offsets
+            .windows(2)
+            .map(|w| {
+                let group = &flows[w[0] as usize..w[1] as usize];
+                // By value: two classes may have the same latency.
+                match group.first().map(|f| self.latency_us(f)) {
+                    Some(l) if group.iter().all(|f| self.latency_us(f) == l) => l,
+                    _ => f64::NAN,
+                }
+            })
+            .collect()
+    }
+
+    /// A flow's hop latency, µs.
+    pub fn latency_us(&self, flow: &PackedFlow) -> f64 {
+        self.latencies_us[flow.latency as usize]
+    }
+
+    /// Every flow in dispatch direction, by source, in group order.
+    pub fn flows(&self) -> impl Iterator<Item = Flow> + '_ {
+        self.src_offsets
+            .windows(2)
+            .enumerate()
+            .flat_map(move |(s, w)| {
+                self.by_src[w[0] as usize..w[1] as usize]
+                    .iter()
+                    .map(move |f| Flow {
+                        src: s as u32,
+                        dst: f.rx,
+                        units: f.units,
+                        forwarded: f.forwarded,
+                        latency_us: self.latency_us(f),
+                    })
+            })
+    }
+
     /// Number of flows.
     pub fn len(&self) -> usize {
-        self.units.len()
+        self.by_src.len()
     }
 
     /// True when there is no flow.
     pub fn is_empty(&self) -> bool {
-        self.units.is_empty()
+        self.by_src.is_empty()
     }
 
     /// Total token copies.
     pub fn total_units(&self) -> u64 {
-        self.units.iter().map(|&u| u64::from(u)).sum()
+        self.by_src.iter().map(|f| u64::from(f.units)).sum()
     }
 }
 
-/// Per group: the latency all its flows share, or NaN when they differ (or it is empty).
-fn shared_latency(order: &[u32], offsets: &[u32], latency_us: &[f64]) -> Vec<f64> {
-    offsets
-        .windows(2)
-        .map(|w| {
-            let group = &order[w[0] as usize..w[1] as usize];
-            match group.first() {
-                Some(&first) => {
-                    let l = latency_us[first as usize];
-                    if group.iter().all(|&i| latency_us[i as usize] == l) {
-                        l
-                    } else {
-                        f64::NAN
-                    }
-                }
-                None => f64::NAN,
-            }
-        })
-        .collect()
-}
-
-/// Flow indices in ascending `(units, index)` order: a stable counting sort when the units are
+/// `cells` in ascending `(units, position)` order: a stable counting sort when the units are
 /// small (always, for the token copies of one micro-batch), a comparison sort otherwise.
-fn by_units(units: &[u32]) -> Vec<u32> {
-    let max_units = units.iter().copied().max().unwrap_or(0) as usize;
-    if max_units <= 4 * units.len() + 64 {
+fn by_units(cells: &[u32], units: impl Fn(u32) -> u32, max_units: u32) -> Vec<u32> {
+    let max_units = max_units as usize;
+    if max_units <= 4 * cells.len() + 64 {
         let mut start = vec![0u32; max_units + 2];
-        for &u in units {
-            start[u as usize + 1] += 1;
+        for &cell in cells {
+            start[units(cell) as usize + 1] += 1;
         }
         for u in 0..=max_units {
             start[u + 1] += start[u];
         }
-        let mut order = vec![0u32; units.len()];
-        for (i, &u) in units.iter().enumerate() {
-            order[start[u as usize] as usize] = i as u32;
-            start[u as usize] += 1;
+        let mut order = vec![0u32; cells.len()];
+        for &cell in cells {
+            let u = units(cell) as usize;
+            order[start[u] as usize] = cell;
+            start[u] += 1;
         }
         return order;
     }
-    // (units, index) packed in one integer: one cheap comparison per step of the sort.
-    let mut packed: Vec<u64> = units
+    // (units, cell) in one integer: cells are row-major, so their order is their position's.
+    let mut keyed: Vec<u64> = cells
         .iter()
-        .enumerate()
-        .map(|(i, &u)| (u64::from(u) << 32) | i as u64)
+        .map(|&cell| (u64::from(units(cell)) << 32) | u64::from(cell))
         .collect();
-    packed.sort_unstable();
-    packed.into_iter().map(|p| p as u32).collect()
-}
-
-/// Flow indices grouped by `key`, each group in the order of `by_units` (a stable counting sort
-/// by key), with the group offsets.
-fn group(num_gpus: usize, key: &[u32], by_units: &[u32]) -> (Vec<u32>, Vec<u32>) {
-    let mut offsets = vec![0u32; num_gpus + 1];
-    for &k in key {
-        offsets[k as usize + 1] += 1;
-    }
-    for g in 0..num_gpus {
-        offsets[g + 1] += offsets[g];
-    }
-    let mut fill = offsets.clone();
-    let mut order = vec![0u32; key.len()];
-    for &i in by_units {
-        let k = key[i as usize] as usize;
-        order[fill[k] as usize] = i;
-        fill[k] += 1;
-    }
-    (order, offsets)
+    keyed.sort_unstable();
+    keyed.into_iter().map(|k| k as u32).collect()
 }
 
 /// One micro-batch's traffic and expert load.
@@ -284,36 +322,32 @@ impl TrafficPlan {
             pairs[g] += h;
             active_experts[g] += u32::from(h > 0);
         }
-        let nonzero = |v: &[u32]| v.iter().filter(|&&u| u > 0).count();
-        let nic_flows = FlowSet::from_entries(
+        let nic_flows = FlowSet::from_matrix(
             n,
-            nonzero(&nic),
-            nic.iter()
-                .enumerate()
-                .filter(|(_, u)| **u > 0)
-                .map(|(i, &u)| {
-                    let s = (i / nic_cols) as u32;
-                    let col = (i % nic_cols) as u32;
-                    let d = if direct {
+            Matrix {
+                units: &nic,
+                cols: nic_cols,
+                dst: |s, col| {
+                    if direct {
                         col
                     } else {
                         topology.forwarder(s, col)
-                    };
-                    (s, d, u, false, topology.nic_latency_us(s, d))
-                }),
+                    }
+                },
+                flags: |_, s, d| (false, topology.nic_latency_class(s, d)),
+                latencies_us: topology.nic_latencies_us().to_vec(),
+            },
         );
         let nvlink_us = topology.nvlink_latency_us();
-        let nvl_flows = FlowSet::from_entries(
+        let nvl_flows = FlowSet::from_matrix(
             n,
-            nonzero(&nvl),
-            nvl.iter()
-                .enumerate()
-                .filter(|(_, u)| **u > 0)
-                .map(|(i, &u)| {
-                    let s = (i / dg) as u32;
-                    let d = dom[s as usize] * dg as u32 + (i % dg) as u32;
-                    (s, d, u, nvl_fwd[i] > 0, nvlink_us)
-                }),
+            Matrix {
+                units: &nvl,
+                cols: dg,
+                dst: |s, i| dom[s as usize] * dg as u32 + i,
+                flags: |cell, _, _| (nvl_fwd[cell] > 0, 0),
+                latencies_us: vec![nvlink_us],
+            },
         );
         Ok(Self {
             path,
@@ -575,19 +609,68 @@ mod tests {
     }
 
     #[test]
-    fn grouping_by_counting_sorts_matches_sorting_units_then_index() {
-        // Small units take the counting-sort path, large ones the comparison sort.
+    fn both_groupings_sort_by_units_then_the_other_end_with_shared_latencies() {
+        // 13 GPUs × 5 columns; column c of GPU s goes to GPU (3s + c) mod 13. Small units take
+        // the counting sort, large ones the comparison sort.
         for scale in [3u32, 1_000_000] {
-            let key: Vec<u32> = (0..200u32).map(|i| (i * 7) % 13).collect();
-            let units: Vec<u32> = (0..200u32).map(|i| ((i * 31) % 17) * scale).collect();
-            let (order, offsets) = group(13, &key, &by_units(&units));
-            for g in 0..13 {
-                let got = &order[offsets[g] as usize..offsets[g + 1] as usize];
-                let mut want: Vec<u32> = (0..200u32)
-                    .filter(|&i| key[i as usize] == g as u32)
-                    .collect();
-                want.sort_by_key(|&i| (units[i as usize], i));
-                assert_eq!(got, want.as_slice());
+            let (n, cols) = (13usize, 5usize);
+            let units: Vec<u32> = (0..(n * cols) as u32)
+                .map(|i| ((i * 31) % 7) * scale)
+                .collect();
+            let dst = |s: u32, c: u32| (3 * s + c) % 13;
+            // One flow into GPU 4 (from GPU 1, column 1) has another latency.
+            let latency = |s: u32, d: u32| if (s, d) == (1, 4) { 2.0 } else { 1.0 };
+            let set = FlowSet::from_matrix(
+                n,
+                Matrix {
+                    units: &units,
+                    cols,
+                    dst,
+                    flags: |i, s, d| (i % 2 == 1, usize::from(latency(s, d) == 2.0)),
+                    latencies_us: vec![1.0, 2.0],
+                },
+            );
+            let all: Vec<Flow> = (0..n * cols)
+                .filter(|&i| units[i] > 0)
+                .map(|i| {
+                    let (s, c) = ((i / cols) as u32, (i % cols) as u32);
+                    Flow {
+                        src: s,
+                        dst: dst(s, c),
+                        units: units[i],
+                        forwarded: i % 2 == 1,
+                        latency_us: latency(s, dst(s, c)),
+                    }
+                })
+                .collect();
+            assert_eq!(set.len(), all.len());
+            type Key = fn(&Flow) -> (u32, u32);
+            let by_src: Key = |f| (f.src, f.dst);
+            let by_dst: Key = |f| (f.dst, f.src);
+            for (packed, offsets, shared, key) in [
+                (&set.by_src, &set.src_offsets, &set.src_latency_us, by_src),
+                (&set.by_dst, &set.dst_offsets, &set.dst_latency_us, by_dst),
+            ] {
+                for g in 0..n as u32 {
+                    let mut want: Vec<&Flow> = all.iter().filter(|f| key(f).0 == g).collect();
+                    want.sort_by_key(|f| (f.units, key(f).1));
+                    let got =
+                        &packed[offsets[g as usize] as usize..offsets[g as usize + 1] as usize];
+                    assert_eq!(got.len(), want.len());
+                    for (p, f) in got.iter().zip(&want) {
+                        assert_eq!(
+                            (p.units, p.rx, p.forwarded, set.latency_us(p)),
+                            (f.units, key(f).1, f.forwarded, f.latency_us)
+                        );
+                    }
+                    let lat: Vec<f64> = want.iter().map(|f| f.latency_us).collect();
+                    match lat.first() {
+                        Some(&l) if lat.iter().all(|&x| x == l) => {
+                            assert_eq!(shared[g as usize], l)
+                        }
+                        _ => assert!(shared[g as usize].is_nan()),
+                    }
+                }
             }
         }
     }
@@ -599,7 +682,7 @@ mod tests {
             &plan.nic.by_src[plan.nic.src_offsets[0] as usize..plan.nic.src_offsets[1] as usize];
         assert_eq!(out.len(), 3);
         for w in out.windows(2) {
-            assert!(plan.nic.units[w[0] as usize] <= plan.nic.units[w[1] as usize]);
+            assert!(w[0].units <= w[1].units);
         }
     }
 }

@@ -183,6 +183,23 @@ impl Topology {
     /// Latency of one NIC-to-NIC transfer from `a` to `b`: same or cross leaf, plus one NVLink
     /// hop when the two NICs are on different planes (forwarded inside the node).
     pub fn nic_latency_us(&self, a: u32, b: u32) -> f64 {
+        self.nic_latencies_us()[self.nic_latency_class(a, b)]
+    }
+
+    /// The four NIC latencies, µs, that [`Topology::nic_latency_class`] indexes: same leaf, cross
+    /// leaf, and each plus one NVLink hop (different planes).
+    pub fn nic_latencies_us(&self) -> [f64; 4] {
+        [
+            self.same_leaf_us,
+            self.cross_leaf_us,
+            self.same_leaf_us + self.nvlink_us,
+            self.cross_leaf_us + self.nvlink_us,
+        ]
+    }
+
+    /// The class of a NIC transfer from `a` to `b`: +1 across leaves, +2 across planes (an
+    /// unknown GPU counts as both).
+    pub fn nic_latency_class(&self, a: u32, b: u32) -> usize {
         let (a, b) = (a as usize, b as usize);
         let (Some(&la), Some(&lb), Some(&pa), Some(&pb)) = (
             self.leaf.get(a),
@@ -190,18 +207,9 @@ impl Topology {
             self.plane.get(a),
             self.plane.get(b),
         ) else {
-            return self.cross_leaf_us + self.nvlink_us;
+            return 3;
         };
-        let base = if la == lb {
-            self.same_leaf_us
-        } else {
-            self.cross_leaf_us
-        };
-        if pa == pb {
-            base
-        } else {
-            base + self.nvlink_us
-        }
+        usize::from(la != lb) + 2 * usize::from(pa != pb)
     }
 }
 

@@ -147,16 +147,9 @@ fn prefill_gb200_and_analysis_steps_are_bit_identical_to_the_reference() {
 fn plan_fingerprint(plan: &TrafficPlan) -> u64 {
     let mut h = FNV_OFFSET;
     for set in [&plan.nic, &plan.nvlink] {
-        let mut flows: Vec<(u32, u32, u32, bool, u64)> = (0..set.len())
-            .map(|i| {
-                (
-                    set.src[i],
-                    set.dst[i],
-                    set.units[i],
-                    set.forwarded[i],
-                    set.latency_us[i].to_bits(),
-                )
-            })
+        let mut flows: Vec<(u32, u32, u32, bool, u64)> = set
+            .flows()
+            .map(|f| (f.src, f.dst, f.units, f.forwarded, f.latency_us.to_bits()))
             .collect();
         flows.sort_unstable();
         fnv1a(&mut h, format!("{flows:?}").as_bytes());
