@@ -405,11 +405,27 @@ fn forwarded_lean<const K: usize>(
     dg: usize,
 ) -> bool {
     let k = if K > 0 { K } else { top_k };
+    let domains = cols.len() / dg;
     for (chunk, tokens) in ids.chunks(64 * k).enumerate() {
         let first = (s.lo + s.src + 64 * chunk) as u32;
-        let Some(mut seen) = mark::<K>(tokens, k, first, choice, slots, cols) else {
+        // A chunk with as many copies as GPUs touches most domains: flush them all rather than
+        // track which.
+        let dense = tokens.len() >= cols.len();
+        let seen = if dense {
+            mark::<K, false>(tokens, k, first, choice, slots, cols)
+        } else {
+            mark::<K, true>(tokens, k, first, choice, slots, cols)
+        };
+        let Some(mut seen) = seen else {
             return false;
         };
+        if dense {
+            seen = if domains == 64 {
+                u64::MAX
+            } else {
+                (1u64 << domains) - 1
+            };
+        }
         while seen != 0 {
             let d = seen.trailing_zeros() as usize;
             seen &= seen - 1;
@@ -421,10 +437,10 @@ fn forwarded_lean<const K: usize>(
 
 /// The per-copy loop of [`forwarded_lean`] for one chunk of up to 64 tokens (the first with
 /// replica key `first`): counts each copy on its slot, sets the token's bit in its GPU's column,
-/// and returns the domains touched (a bit each); `None` at an unknown expert. Kept out of line so
-/// that its few values stay in registers.
+/// and returns the domains touched (a bit each; 0 unless `SEEN`); `None` at an unknown expert.
+/// Kept out of line so that its few values stay in registers.
 #[inline(never)]
-fn mark<const K: usize>(
+fn mark<const K: usize, const SEEN: bool>(
     tokens: &[u16],
     k: usize,
     first: u32,
@@ -443,7 +459,9 @@ fn mark<const K: usize>(
             *v += 1;
             let p = *v;
             *cols.get_mut(((p >> 32) & 0xffff) as usize)? |= bit;
-            seen |= 1u64 << (p >> 48);
+            if SEEN {
+                seen |= 1u64 << (p >> 48);
+            }
         }
     }
     Some(seen)
@@ -457,11 +475,11 @@ fn mark<const K: usize>(
 #[inline(always)]
 fn flush_domain(s: &Source, d: usize, c: &mut Counts, cols: &mut [u64], dg: usize) {
     let local = d == s.domain as usize;
-    // The sender of this domain's hops and the receiver index it skips (itself).
+    // The sender of this domain's hops; it has the source's index, the one receiver it skips.
     let from = if local { s.src } else { d * dg + s.index };
     let cells = if local { &mut c.nvl } else { &mut c.nvl_fwd };
     let row = &mut cells[from * dg..(from + 1) * dg];
-    let own = cols[from % dg].count_ones();
+    let own = cols[s.index].count_ones();
     let mut union = 0u64;
     // A plain loop over the domain's columns (vectorized).
     for (cell, col) in row.iter_mut().zip(cols.iter_mut()) {
@@ -469,7 +487,7 @@ fn flush_domain(s: &Source, d: usize, c: &mut Counts, cols: &mut [u64], dg: usiz
         union |= *col;
         *col = 0;
     }
-    row[from % dg] -= own;
+    row[s.index] -= own;
     if !local {
         c.nic[s.src * c.nic_cols + d] += union.count_ones();
     }
