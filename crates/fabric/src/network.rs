@@ -283,14 +283,14 @@ impl CollectiveSim<'_> {
                 let served = t0 + (prefix + (k - j) as f64 * bytes) * inv_bw;
                 prefix += bytes;
                 let done = if waits_all || flow.forwarded {
-                    served.max(ready)
+                    later(served, ready)
                 } else {
                     served
                 };
                 let dst = flow.rx as usize;
-                scratch.arrival[dst] = scratch.arrival[dst].max(done + f.latency_us(flow));
+                scratch.arrival[dst] = later(scratch.arrival[dst], done + f.latency_us(flow));
                 // Receive side: a work-conserving sweep in start order gives the link's makespan.
-                scratch.rx_end[dst] = scratch.rx_end[dst].max(t0) + bytes * inv_bw;
+                scratch.rx_end[dst] = later(scratch.rx_end[dst], t0) + bytes * inv_bw;
                 if self.record_links {
                     if scratch.rx_first[dst].is_nan() {
                         scratch.rx_first[dst] = t0;
@@ -352,6 +352,13 @@ impl CollectiveSim<'_> {
             }
         }
     }
+}
+
+/// The later of two times in the transmit loop: one comparison (times there are never NaN),
+/// where `f64::max` also handles NaN.
+#[inline(always)]
+fn later(a: f64, b: f64) -> f64 {
+    if b > a { b } else { a }
 }
 
 /// Per-link state of one stage.

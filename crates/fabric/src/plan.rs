@@ -111,6 +111,7 @@ struct Matrix<'a, D, F> {
 impl FlowSet {
     /// The flows of the non-empty cells of `m`. The cells are counted into both groupings by one
     /// stable counting sort on units (cells in row-major order, so ties go by the other end).
+    #[inline(never)]
     fn from_matrix<D, F>(num_gpus: usize, m: Matrix<'_, D, F>) -> Self
     where
         D: Fn(u32, u32) -> u32,
@@ -121,7 +122,7 @@ impl FlowSet {
         let mut cells = Vec::with_capacity(m.units.len() / 2);
         let mut src_offsets = vec![0u32; num_gpus + 1];
         let mut dst_offsets = vec![0u32; num_gpus + 1];
-        let mut max_units = 0u32;
+        let max_units = m.units.iter().copied().max().unwrap_or(0);
         for (s, row) in m.units.chunks_exact(m.cols).enumerate() {
             for (c, &u) in row.iter().enumerate() {
                 if u > 0 {
@@ -129,7 +130,6 @@ impl FlowSet {
                     cells.push(s << 16 | c);
                     src_offsets[s as usize + 1] += 1;
                     dst_offsets[(m.dst)(s, c) as usize + 1] += 1;
-                    max_units = max_units.max(u);
                 }
             }
         }
