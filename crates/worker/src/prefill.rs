@@ -17,15 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::response::Response;
-use axum::routing::{get, post};
+use axum::extract::State;
+use axum::routing::post;
 use metrics::{Counter, Histogram};
 use pdserve_engine::{Executor, StepClock};
-use pdserve_protocol::http::{ApiJson, method_not_allowed, not_found};
+use pdserve_protocol::http::ApiJson;
 use pdserve_protocol::internal::{
-    ABORT_PATH, AbortRequest, AbortResponse, HEALTH_PATH, HealthResponse, InstanceStats,
-    PREFILL_PATH, PrefillRequest, PrefillResponse, PrefillTimings, Role, STATS_PATH, SampledToken,
+    InstanceStats, PREFILL_PATH, PrefillRequest, PrefillResponse, PrefillTimings, Role,
+    SampledToken,
 };
 use pdserve_protocol::params::SamplingParams;
 use pdserve_protocol::{ApiError, ErrorKind};
@@ -41,8 +40,8 @@ use crate::engine::{
 use crate::kv::{KvAck, OutgoingKv, encode_kv_frame};
 use crate::metrics::{ServiceMetrics, catalog};
 use crate::service::{
-    ExtraLoad, ServeError, failure_to_api, health, instance_stats, metrics_response, scaled,
-    validate_common,
+    ExtraLoad, InstanceState, ServeError, failure_to_api, instance_app, instance_stats, scaled,
+    serve_app, validate_common,
 };
 use crate::transfer::{PushError, PushTimeouts, push_frame};
 
@@ -146,13 +145,13 @@ impl PrefillService {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         tracing::info!(instance = %self.state.config.instance_id, "prefill instance serving");
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| ServeError::Io {
-                context: "serving the prefill HTTP API",
-                source,
-            })
+        serve_app(
+            self.router(),
+            listener,
+            shutdown,
+            "serving the prefill HTTP API",
+        )
+        .await
     }
 
     /// Renders this instance's `/metrics` text; cheap to call from another service (`pdserve up`
@@ -164,17 +163,22 @@ impl PrefillService {
 
 /// The prefill HTTP API over `state`.
 pub fn prefill_app(state: Arc<PrefillState>) -> Router {
-    let limit = state.config.max_body_bytes;
-    Router::new()
-        .route(PREFILL_PATH, post(prefill))
-        .route(ABORT_PATH, post(abort))
-        .route(STATS_PATH, get(stats))
-        .route(HEALTH_PATH, get(health_check))
-        .route("/metrics", get(render_metrics))
-        .layer(DefaultBodyLimit::max(limit))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+    instance_app(state, Router::new().route(PREFILL_PATH, post(prefill)))
+}
+
+impl InstanceState for PrefillState {
+    fn parts(&self) -> (&EngineHandle, &ServiceMetrics, usize) {
+        (&self.engine, &self.metrics, self.config.max_body_bytes)
+    }
+
+    async fn abort(&self, request_id: &str) -> bool {
+        self.engine.cancel(request_id).await
+    }
+
+    async fn stats(&self) -> Result<InstanceStats, ApiError> {
+        let id = &self.config.instance_id;
+        instance_stats(&self.engine, Role::Prefill, id, None, ExtraLoad::default()).await
+    }
 }
 
 /// Runs a prefill instance until `shutdown` resolves, then drains in-flight prefills.
@@ -410,37 +414,4 @@ fn push_error(e: &PushError) -> ApiError {
     ApiError::new(kind, message)
         .with_code(code)
         .with_diagnostic(e.to_string())
-}
-
-async fn abort(
-    State(s): State<Arc<PrefillState>>,
-    ApiJson(request): ApiJson<AbortRequest>,
-) -> axum::Json<AbortResponse> {
-    let found = s.engine.cancel(&request.request_id).await;
-    axum::Json(AbortResponse {
-        request_id: request.request_id,
-        found,
-    })
-}
-
-async fn stats(State(s): State<Arc<PrefillState>>) -> Result<axum::Json<InstanceStats>, ApiError> {
-    instance_stats(
-        &s.engine,
-        Role::Prefill,
-        &s.config.instance_id,
-        None,
-        ExtraLoad::default(),
-    )
-    .await
-    .map(axum::Json)
-}
-
-async fn health_check(
-    State(s): State<Arc<PrefillState>>,
-) -> Result<axum::Json<HealthResponse>, ApiError> {
-    health(&s.engine).await
-}
-
-async fn render_metrics(State(s): State<Arc<PrefillState>>) -> Response {
-    metrics_response(s.metrics.render())
 }

@@ -1,15 +1,28 @@
 //! What both services share: errors of starting and serving, the engine failure → client error
-//! mapping, the `/health`, `/internal/stats` and `/metrics` plumbing, and request validation
-//! common to prefill and decode.
+//! mapping, the endpoints every instance serves besides its own (`POST /internal/abort`,
+//! `GET /internal/stats`, `GET /health`, `GET /metrics`) and serving them, and request
+//! validation common to prefill and decode.
 
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use pdserve_protocol::internal::{HealthResponse, InstanceStats, Role, SimInfo};
+use axum::routing::{get, post};
+use pdserve_protocol::http::{ApiJson, method_not_allowed, not_found};
+use pdserve_protocol::internal::{
+    ABORT_PATH, AbortRequest, AbortResponse, HEALTH_PATH, HealthResponse, InstanceStats, Role,
+    STATS_PATH, SimInfo,
+};
 use pdserve_protocol::params::StopParams;
 use pdserve_protocol::{ApiError, ErrorKind};
+use tokio::net::TcpListener;
 
 use crate::config::ConfigError;
 use crate::engine::{EngineHandle, EngineSnapshot, FailureKind, SpawnError};
+use crate::metrics::ServiceMetrics;
 
 /// Why a service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +120,72 @@ pub(crate) fn validate_common(
     Ok(())
 }
 
+/// A role's shared handler state, as the endpoints every instance serves see it.
+pub(crate) trait InstanceState: Send + Sync + 'static {
+    /// The engine, the instance's metrics registry and the largest request body accepted.
+    fn parts(&self) -> (&EngineHandle, &ServiceMetrics, usize);
+    /// Cancels `request_id` wherever the instance holds it; true when it was found.
+    fn abort(&self, request_id: &str) -> impl Future<Output = bool> + Send;
+    /// `GET /internal/stats`.
+    fn stats(&self) -> impl Future<Output = Result<InstanceStats, ApiError>> + Send;
+}
+
+/// An instance's HTTP API: `own` (the role's endpoints) plus abort, stats, health and metrics,
+/// under the body limit, with the JSON 404 and 405 answers.
+pub(crate) fn instance_app<S: InstanceState>(state: Arc<S>, own: Router<Arc<S>>) -> Router {
+    let (_, _, limit) = state.parts();
+    own.route(ABORT_PATH, post(abort::<S>))
+        .route(STATS_PATH, get(stats::<S>))
+        .route(HEALTH_PATH, get(health_check::<S>))
+        .route("/metrics", get(render_metrics::<S>))
+        .layer(DefaultBodyLimit::max(limit))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; `context` names it in an error.
+pub(crate) async fn serve_app(
+    app: Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    context: &'static str,
+) -> Result<(), ServeError> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| ServeError::Io { context, source })
+}
+
+async fn abort<S: InstanceState>(
+    State(s): State<Arc<S>>,
+    ApiJson(request): ApiJson<AbortRequest>,
+) -> axum::Json<AbortResponse> {
+    let found = s.abort(&request.request_id).await;
+    axum::Json(AbortResponse {
+        request_id: request.request_id,
+        found,
+    })
+}
+
+async fn stats<S: InstanceState>(
+    State(s): State<Arc<S>>,
+) -> Result<axum::Json<InstanceStats>, ApiError> {
+    s.stats().await.map(axum::Json)
+}
+
+async fn health_check<S: InstanceState>(
+    State(s): State<Arc<S>>,
+) -> Result<axum::Json<HealthResponse>, ApiError> {
+    health(s.parts().0).await
+}
+
+async fn render_metrics<S: InstanceState>(State(s): State<Arc<S>>) -> Response {
+    metrics_response(s.parts().1.render())
+}
+
 /// `GET /health`: 200 while the engine runs, 503 once it broke or stopped.
-pub(crate) async fn health(engine: &EngineHandle) -> Result<axum::Json<HealthResponse>, ApiError> {
+async fn health(engine: &EngineHandle) -> Result<axum::Json<HealthResponse>, ApiError> {
     match engine.snapshot().await {
         Some(EngineSnapshot { broken: None, .. }) => Ok(axum::Json(HealthResponse::ok())),
         Some(EngineSnapshot {
@@ -172,7 +249,7 @@ pub(crate) async fn instance_stats(
 }
 
 /// `GET /metrics`: Prometheus text exposition.
-pub(crate) fn metrics_response(text: String) -> Response {
+fn metrics_response(text: String) -> Response {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,

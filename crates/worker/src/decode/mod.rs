@@ -18,16 +18,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use pdserve_engine::{Executor, StepClock};
 use pdserve_protocol::ApiError;
-use pdserve_protocol::http::{ApiJson, method_not_allowed, not_found};
+use pdserve_protocol::http::ApiJson;
 use pdserve_protocol::internal::{
-    ABORT_PATH, AbortRequest, AbortResponse, DECODE_PATH, DecodeErrorKind, DecodeEvent,
-    DecodeRequest, DecodeTimings, DecodeUsage, HEALTH_PATH, NDJSON_CONTENT_TYPE, Role, STATS_PATH,
+    DECODE_PATH, DecodeErrorKind, DecodeEvent, DecodeRequest, DecodeTimings, DecodeUsage,
+    InstanceStats, NDJSON_CONTENT_TYPE, Role,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -40,7 +40,9 @@ use crate::backend::{EngineParts, KvAccess, KvTransferClock, SeqParams};
 use crate::config::DecodeConfig;
 use crate::engine::{EngineEvent, EngineHandle, FailureKind, spawn_engine};
 use crate::metrics::{ServiceMetrics, catalog};
-use crate::service::{ExtraLoad, ServeError, health, instance_stats, metrics_response};
+use crate::service::{
+    ExtraLoad, InstanceState, ServeError, instance_app, instance_stats, serve_app,
+};
 
 /// The decode service's pre-bound listeners.
 #[derive(Debug)]
@@ -166,13 +168,8 @@ impl DecodeService {
             kv_addr = %self.kv_addr(),
             "decode instance serving"
         );
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| ServeError::Io {
-                context: "serving the decode HTTP API",
-                source,
-            })?;
+        let app = self.router();
+        serve_app(app, listener, shutdown, "serving the decode HTTP API").await?;
         drop(self);
         Ok(())
     }
@@ -192,17 +189,32 @@ impl Drop for DecodeService {
 
 /// The decode HTTP API over `state`.
 pub fn decode_app(state: Arc<DecodeState>) -> Router {
-    let limit = state.config.max_body_bytes;
-    Router::new()
-        .route(DECODE_PATH, post(decode))
-        .route(ABORT_PATH, post(abort))
-        .route(STATS_PATH, get(stats))
-        .route(HEALTH_PATH, get(health_check))
-        .route("/metrics", get(render_metrics))
-        .layer(DefaultBodyLimit::max(limit))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+    instance_app(state, Router::new().route(DECODE_PATH, post(decode)))
+}
+
+impl InstanceState for DecodeState {
+    fn parts(&self) -> (&EngineHandle, &ServiceMetrics, usize) {
+        (&self.engine, &self.metrics, self.config.max_body_bytes)
+    }
+
+    /// A request still waiting for its KV is dropped from the rendezvous; a running one is
+    /// cancelled in the engine.
+    async fn abort(&self, request_id: &str) -> bool {
+        let pending = self.rendezvous.abort(request_id).await;
+        let running = self.engine.cancel(request_id).await;
+        pending || running
+    }
+
+    /// Requests waiting for their KV count as waiting, their prompts as queued tokens.
+    async fn stats(&self) -> Result<InstanceStats, ApiError> {
+        let pending = self.rendezvous.counts().await;
+        let extra = ExtraLoad {
+            waiting: u32::try_from(pending.waiting).unwrap_or(u32::MAX),
+            queued_prompt_tokens: pending.waiting_prompt_tokens,
+        };
+        let (id, kv_addr) = (&self.config.instance_id, Some(self.kv_addr.clone()));
+        instance_stats(&self.engine, Role::Decode, id, kv_addr, extra).await
+    }
 }
 
 /// Runs a decode instance until `shutdown` resolves, then drains: in-flight streams finish
@@ -337,45 +349,4 @@ fn line(event: &DecodeEvent) -> Result<Bytes, Infallible> {
     });
     bytes.push(b'\n');
     Ok(Bytes::from(bytes))
-}
-
-async fn abort(
-    State(s): State<Arc<DecodeState>>,
-    ApiJson(request): ApiJson<AbortRequest>,
-) -> axum::Json<AbortResponse> {
-    let pending = s.rendezvous.abort(&request.request_id).await;
-    let running = s.engine.cancel(&request.request_id).await;
-    axum::Json(AbortResponse {
-        request_id: request.request_id,
-        found: pending || running,
-    })
-}
-
-async fn stats(
-    State(s): State<Arc<DecodeState>>,
-) -> Result<axum::Json<pdserve_protocol::internal::InstanceStats>, ApiError> {
-    let pending = s.rendezvous.counts().await;
-    let extra = ExtraLoad {
-        waiting: u32::try_from(pending.waiting).unwrap_or(u32::MAX),
-        queued_prompt_tokens: pending.waiting_prompt_tokens,
-    };
-    instance_stats(
-        &s.engine,
-        Role::Decode,
-        &s.config.instance_id,
-        Some(s.kv_addr.clone()),
-        extra,
-    )
-    .await
-    .map(axum::Json)
-}
-
-async fn health_check(
-    State(s): State<Arc<DecodeState>>,
-) -> Result<axum::Json<pdserve_protocol::internal::HealthResponse>, ApiError> {
-    health(&s.engine).await
-}
-
-async fn render_metrics(State(s): State<Arc<DecodeState>>) -> Response {
-    metrics_response(s.metrics.render())
 }
