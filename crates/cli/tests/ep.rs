@@ -6,7 +6,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{Proc, post};
+use common::{Proc, metric_sum, post};
 use serde_json::{Value, json};
 
 /// The modeled cluster of both processes: EP8 on GB200 NVL72 (an H800 cannot hold 32 of
@@ -123,18 +123,6 @@ where
 }
 
 /// Sum of the samples of `name` whose labels contain `label`.
-fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ep_runtime_serves_the_same_greedy_tokens_as_local_experts() {
     let local_cfg = TempToml::new("local", BASE);

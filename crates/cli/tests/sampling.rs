@@ -1,11 +1,14 @@
 //! Sampling through the whole system (`pdserve up`: router → prefill → KV transfer → decode), with
 //! MTP off and on: a seeded sampled request gives the text of the model run alone (`pdserve
 //! generate`, one sampler drawing index k with draw k); every token carries the requested
-//! `top_logprobs`; `min_tokens` keeps stop ids from ending a generation early.
+//! `top_logprobs`; `min_tokens` keeps stop ids from ending a generation early; with MTP, the draft
+//! prefill proposes after the first token is verified in decode's first step.
 
 mod common;
 
-use common::{Proc, generate, post, sse_events};
+use std::time::Duration;
+
+use common::{Proc, generate, metric_sum, post, sse_events, wait_until};
 use serde_json::{Value, json};
 
 const PROMPT: &str = "And God said, Let there be light";
@@ -19,12 +22,53 @@ async fn seeds_logprobs_and_min_tokens_hold_across_prefill_and_decode() {
         seeded_sampling_equals_the_model_alone(&client, &base, &dir, what).await;
         every_token_has_its_top_logprobs(&client, &base, what).await;
         min_tokens_outlasts_a_stop_token(&client, &base, &dir, what).await;
+        if mtp == "true" {
+            prefill_draft_is_verified_in_the_first_decode_step(&client, &base).await;
+        }
         assert!(
             up.child.try_wait().expect("try_wait").is_none(),
             "{}",
             up.stderr()
         );
     }
+}
+
+/// Two tokens: prefill samples the first and its MTP module drafts the second; the KV frame carries
+/// the draft, so decode's only step verifies one (without it, that step would have none).
+async fn prefill_draft_is_verified_in_the_first_decode_step(client: &reqwest::Client, base: &str) {
+    let drafts = || async {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let name = "pdserve_decode_spec_decode_num_drafts_total";
+        metric_sum(&text, name, "instance=\"decode-0\"")
+    };
+    let before = drafts().await;
+    for _ in 0..3 {
+        let (status, v) = post(
+            client,
+            &format!("{base}/v1/completions"),
+            &json!({"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+    }
+    // The counters are mirrored after the step that delivered the tokens.
+    wait_until(Duration::from_secs(10), "three verified drafts", || async {
+        drafts().await - before >= 3.0
+    })
+    .await;
+    assert_eq!(
+        drafts().await - before,
+        3.0,
+        "one verified draft per request"
+    );
 }
 
 async fn seeded_sampling_equals_the_model_alone(

@@ -343,6 +343,43 @@ fn kv_arrived_request_goes_straight_to_decode() {
 }
 
 #[test]
+fn a_prefill_draft_travels_with_retained_kv_and_is_verified_in_the_first_decode_step() {
+    // Prefill side: the last chunk samples the first token and drafts the next; the draft stays
+    // with the retained KV.
+    let mut p = Harness::new(config(8, 512, 1));
+    p.add_request(
+        Request::new(RequestId(3), Harness::prompt(3, 40), 3)
+            .with_stop(max_tokens(1))
+            .with_retained_kv(),
+    );
+    p.step();
+    let first = p.output(3)[0];
+    let draft = p.state.sequence(RequestId(3)).and_then(|s| s.draft());
+    assert_eq!(draft, Some(p.exec.draft(RequestId(3), 1)));
+    // Decode side, speculative decoding on: the first decode verifies it (accepted: two tokens).
+    let arrive = |spec_tokens| {
+        let mut d = Harness::new(config(8, 512, spec_tokens));
+        d.add_request(
+            Request::new(RequestId(3), Harness::prompt(3, 40), 3)
+                .with_kv_arrived(first)
+                .with_kv_draft(draft)
+                .with_stop(max_tokens(6)),
+        );
+        let plan = d.step();
+        (plan.decodes[0].draft_token, d)
+    };
+    let (verified, mut d) = arrive(1);
+    assert_eq!(verified, draft);
+    assert_eq!(d.output(3).len(), 3, "first token, then two from one step");
+    assert_eq!(d.state.stats().spec_drafts_total, 1);
+    d.run_until_idle(20);
+    assert_eq!(d.output(3), d.expected(3, 6));
+    // Without speculative decoding the draft is ignored.
+    let (ignored, _) = arrive(0);
+    assert_eq!(ignored, None);
+}
+
+#[test]
 fn kv_arrived_request_waits_for_blocks_then_is_admitted() {
     let mut h = Harness::new(config(3, 512, 0));
     h.add(1, 120, max_tokens(8)); // 2 blocks, up to 128 tokens

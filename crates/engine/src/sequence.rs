@@ -43,6 +43,9 @@ pub enum KvSource {
     Arrived {
         /// The token the prefill instance sampled after the prompt.
         first_token: TokenId,
+        /// The prefill instance's MTP draft for the token after `first_token`: the first decode
+        /// step verifies it when speculative decoding is on (ignored otherwise).
+        draft: Option<TokenId>,
     },
 }
 
@@ -90,7 +93,18 @@ impl<P> Request<P> {
 
     /// Marks the prompt's KV as computed elsewhere, with the first sampled token.
     pub fn with_kv_arrived(mut self, first_token: TokenId) -> Self {
-        self.kv = KvSource::Arrived { first_token };
+        self.kv = KvSource::Arrived {
+            first_token,
+            draft: None,
+        };
+        self
+    }
+
+    /// Sets the draft that came with arrived KV (no effect on a prompt computed here).
+    pub fn with_kv_draft(mut self, draft_token: Option<TokenId>) -> Self {
+        if let KvSource::Arrived { draft, .. } = &mut self.kv {
+            *draft = draft_token;
+        }
         self
     }
 

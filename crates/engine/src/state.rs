@@ -216,11 +216,13 @@ impl<P> EngineState<P> {
             num_preemptions: 0,
         };
         let mut update = None;
-        if let KvSource::Arrived { first_token } = request.kv {
+        if let KvSource::Arrived { first_token, draft } = request.kv {
             seq.num_computed_tokens = seq.prompt.len();
             seq.phase = Phase::Decode;
             seq.kv_pending = true;
             seq.output.push(first_token);
+            // Prefill's MTP draft: verified in the first decode step like any pending draft.
+            seq.draft = draft.filter(|_| self.config.spec_tokens > 0);
             let finish = seq
                 .stop
                 .check(first_token, 1, seq.num_tokens(), max_context_tokens);
@@ -387,9 +389,10 @@ impl<P> EngineState<P> {
         self.stats.requests_finished_total.add(reason);
         let retain = self.seqs.get(&id).is_some_and(|s| s.retain_kv);
         if retain {
+            // The pending draft stays: it travels with the retained KV (a prefill instance's MTP
+            // draft for the decode instance's first step).
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.state = SequenceState::Finished(reason);
-                seq.draft = None;
             }
         } else {
             self.seqs.remove(&id);

@@ -9,10 +9,12 @@
 //! 6        header_len u16                        bytes of the header body that follows
 //! 8        header body:
 //!            request_id_len u16, request_id (UTF-8)
-//!            dtype u8 (1 bf16, 2 f16, 3 f32, 4 f8e4m3), flags u8 (bit 0: seed present)
+//!            dtype u8 (1 bf16, 2 f16, 3 f32, 4 f8e4m3),
+//!            flags u8 (bit 0: seed present, bit 1: draft present)
 //!            first_token_id u32, first_token_logprob f32
 //!            n_top u8, n_top × (token_id u32, logprob f32)
 //!            seed u64 (0 when absent), sampled_tokens u32
+//!            draft_token_id u32 (0 when absent)
 //!            layers u32, tokens u32, kv_lora_rank u32, rope_dim u32, hidden_dim u32
 //!            payload_len u64
 //! 8+h      payload (payload_len bytes)
@@ -29,14 +31,15 @@
 //! checksum), never panicking, and never trusting a length before checking it against
 //! `max_payload_bytes` (so a corrupted header cannot make a reader allocate gigabytes).
 //! `sampled_tokens` counts the draws already taken from the seeded sampler (1 after prefill), so the
-//! decode side continues the same random stream.
+//! decode side continues the same random stream. With MTP, `draft_token_id` is the token prefill's
+//! MTP module proposed after the first token; decode verifies it in its first step.
 
 use crate::internal::{SampledToken, TopToken};
 
 /// Frame magic.
 pub const KV_FRAME_MAGIC: [u8; 4] = *b"PDKV";
 /// Current frame version.
-pub const KV_FRAME_VERSION: u16 = 1;
+pub const KV_FRAME_VERSION: u16 = 2;
 /// Bytes before the header body: magic, version, header_len.
 pub const PREFIX_LEN: usize = 8;
 /// Bytes of the trailing checksum.
@@ -125,6 +128,8 @@ pub struct KvFrameHeader {
     pub seed: Option<u64>,
     /// Draws already taken from the sampler (1 after prefill).
     pub sampled_tokens: u32,
+    /// The MTP draft for the token after `first_token`, when prefill proposed one.
+    pub draft_token: Option<u32>,
     /// Payload shape.
     pub shape: KvShape,
 }
@@ -233,7 +238,7 @@ pub fn encode_frame(header: &KvFrameHeader, payload: &[u8]) -> Result<Vec<u8>, K
     body.extend_from_slice(&id_len.to_le_bytes());
     body.extend_from_slice(id);
     body.push(header.shape.dtype.code());
-    body.push(u8::from(header.seed.is_some()));
+    body.push(u8::from(header.seed.is_some()) | u8::from(header.draft_token.is_some()) << 1);
     body.extend_from_slice(&header.first_token.id.to_le_bytes());
     body.extend_from_slice(&header.first_token.logprob.to_le_bytes());
     body.push(n_top);
@@ -243,12 +248,13 @@ pub fn encode_frame(header: &KvFrameHeader, payload: &[u8]) -> Result<Vec<u8>, K
     }
     body.extend_from_slice(&header.seed.unwrap_or(0).to_le_bytes());
     body.extend_from_slice(&header.sampled_tokens.to_le_bytes());
+    body.extend_from_slice(&header.draft_token.unwrap_or(0).to_le_bytes());
     let s = &header.shape;
     for v in [s.layers, s.tokens, s.kv_lora_rank, s.rope_dim, s.hidden_dim] {
         body.extend_from_slice(&v.to_le_bytes());
     }
     body.extend_from_slice(&expected.to_le_bytes());
-    // The body is at most 2 + 65535 + 18 + 255 × 8 + 36 bytes, which can exceed u16 only through
+    // The body is at most 2 + 65535 + 18 + 255 × 8 + 40 bytes, which can exceed u16 only through
     // a very long request id.
     let header_len =
         u16::try_from(body.len()).map_err(|_| KvFrameError::RequestIdTooLong(id.len()))?;
@@ -364,7 +370,8 @@ fn parse_header_body(body: &[u8], max_payload_bytes: u64) -> Result<KvFrameHeade
         .map_err(|_| KvFrameError::RequestIdEncoding)?
         .to_string();
     let dtype = KvDtype::from_code(r.u8()?)?;
-    let has_seed = r.u8()? & 1 == 1;
+    let flags = r.u8()?;
+    let (has_seed, has_draft) = (flags & 1 == 1, flags & 2 == 2);
     let first_id = r.u32()?;
     let first_logprob = r.f32()?;
     let n_top = r.u8()?;
@@ -376,6 +383,7 @@ fn parse_header_body(body: &[u8], max_payload_bytes: u64) -> Result<KvFrameHeade
     }
     let seed = r.u64()?;
     let sampled_tokens = r.u32()?;
+    let draft_token = r.u32()?;
     let shape = KvShape {
         layers: r.u32()?,
         tokens: r.u32()?,
@@ -415,6 +423,7 @@ fn parse_header_body(body: &[u8], max_payload_bytes: u64) -> Result<KvFrameHeade
         },
         seed: has_seed.then_some(seed),
         sampled_tokens,
+        draft_token: has_draft.then_some(draft_token),
         shape,
     })
 }

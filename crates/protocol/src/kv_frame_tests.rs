@@ -18,6 +18,7 @@ fn header(tokens: u32, seed: Option<u64>, tops: usize) -> KvFrameHeader {
         },
         seed,
         sampled_tokens: 1,
+        draft_token: None,
         shape: KvShape {
             layers: 2,
             tokens,
@@ -122,7 +123,7 @@ fn arb_header() -> impl Strategy<Value = KvFrameHeader> {
         -100.0f32..0.0,
         proptest::collection::vec((any::<u32>(), -100.0f32..0.0), 0..20),
         proptest::option::of(any::<u64>()),
-        any::<u32>(),
+        (any::<u32>(), proptest::option::of(any::<u32>())),
         (0u32..4, 0u32..6, 0u32..5, 0u32..3, 0u32..4),
         prop_oneof![
             Just(KvDtype::Bf16),
@@ -132,26 +133,29 @@ fn arb_header() -> impl Strategy<Value = KvFrameHeader> {
         ],
     )
         .prop_map(
-            |(request_id, id, logprob, tops, seed, sampled_tokens, dims, dtype)| KvFrameHeader {
-                request_id,
-                first_token: SampledToken {
-                    id,
-                    logprob,
-                    top_logprobs: tops
-                        .into_iter()
-                        .map(|(id, logprob)| TopToken { id, logprob })
-                        .collect(),
-                },
-                seed,
-                sampled_tokens,
-                shape: KvShape {
-                    layers: dims.0,
-                    tokens: dims.1,
-                    kv_lora_rank: dims.2,
-                    rope_dim: dims.3,
-                    hidden_dim: dims.4,
-                    dtype,
-                },
+            |(request_id, id, logprob, tops, seed, (sampled_tokens, draft_token), dims, dtype)| {
+                KvFrameHeader {
+                    request_id,
+                    first_token: SampledToken {
+                        id,
+                        logprob,
+                        top_logprobs: tops
+                            .into_iter()
+                            .map(|(id, logprob)| TopToken { id, logprob })
+                            .collect(),
+                    },
+                    seed,
+                    sampled_tokens,
+                    draft_token,
+                    shape: KvShape {
+                        layers: dims.0,
+                        tokens: dims.1,
+                        kv_lora_rank: dims.2,
+                        rope_dim: dims.3,
+                        hidden_dim: dims.4,
+                        dtype,
+                    },
+                }
             },
         )
 }

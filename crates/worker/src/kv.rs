@@ -3,10 +3,11 @@
 //! that the receiver writes after each frame.
 //!
 //! Payload order (protocol `kv_frame`): for each layer, for each token, `c_kv[kv_lora_rank]` then
-//! `k_rope[rope_dim]`. Frames are sent as `f32` with `hidden_dim = 0` (the decode side's MTP
-//! module drafts from its own first decode step, so no hidden state travels); `bf16` and `f16`
-//! frames are accepted and widened; `f8e4m3` is refused (nothing here scales it), and so is a
-//! frame carrying a hidden state.
+//! `k_rope[rope_dim]`. Frames are sent as `f32` with `hidden_dim = 0`: with MTP, prefill's MTP
+//! module has already proposed the draft after the first token (it travels as the header's
+//! `draft_token`, and its cache row is in the MTP layer's KV), so no hidden state travels; `bf16`
+//! and `f16` frames are accepted and widened; `f8e4m3` is refused (nothing here scales it), and so
+//! is a frame carrying a hidden state.
 //!
 //! Invariants: `KvRows::data.len() == layers * tokens * (kv_lora_rank + rope_dim)` (checked by
 //! every constructor); conversion never panics on bad input.
@@ -196,6 +197,8 @@ pub struct OutgoingKv<'a> {
     pub first_token: SampledToken,
     /// The sampler's seed.
     pub seed: u64,
+    /// Prefill's MTP draft for the token after `first_token`.
+    pub draft_token: Option<u32>,
     /// The prompt's latent KV.
     pub rows: &'a KvRows,
 }
@@ -209,6 +212,7 @@ pub fn encode_kv_frame(kv: &OutgoingKv<'_>) -> Result<Vec<u8>, KvFrameError> {
         first_token: kv.first_token.clone(),
         seed: Some(kv.seed),
         sampled_tokens: 1,
+        draft_token: kv.draft_token,
         shape: KvShape {
             layers: as_u32(shape.num_layers),
             tokens: as_u32(kv.rows.tokens),
@@ -388,6 +392,7 @@ mod tests {
             request_id: "req-1",
             first_token: first(),
             seed: 77,
+            draft_token: Some(9),
             rows: &r,
         };
         let bytes = encode_kv_frame(&out).unwrap();
@@ -397,6 +402,7 @@ mod tests {
         assert_eq!(back.header.seed, Some(77));
         assert_eq!(back.header.first_token, first());
         assert_eq!(back.header.sampled_tokens, 1);
+        assert_eq!(back.header.draft_token, Some(9));
         assert_eq!(back.frame_bytes, bytes.len());
     }
 
@@ -424,6 +430,7 @@ mod tests {
             request_id: "x",
             first_token: first(),
             seed: 1,
+            draft_token: None,
             rows: &r,
         };
         let bytes = encode_kv_frame(&out).unwrap();

@@ -252,6 +252,7 @@ impl PrefillState {
             request_id: &id,
             first_token: first_token.clone(),
             seed,
+            draft_token: exported.draft_token,
             rows: &exported.rows,
         })
         .map_err(|e| ApiError::internal(format!("encoding the kv frame of `{id}`: {e}")))?;

@@ -266,6 +266,7 @@ mod tests {
                 top_logprobs: vec![],
             },
             seed: 3,
+            draft_token: None,
             rows: &rows,
         })
         .unwrap()

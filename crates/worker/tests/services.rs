@@ -228,6 +228,7 @@ async fn corrupt_and_truncated_frames_fail_their_requests_and_hold_no_blocks() {
                 top_logprobs: vec![],
             },
             seed: 7,
+            draft_token: None,
             rows: &rows,
         })
         .unwrap()

@@ -231,6 +231,7 @@ async fn push_kv(
         },
         seed: sampling.seed,
         sampled_tokens: 1,
+        draft_token: None,
         shape: KvShape {
             layers: 2,
             tokens: req.prompt_token_ids.len() as u32,

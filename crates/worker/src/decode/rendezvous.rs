@@ -510,6 +510,7 @@ impl Rendezvous {
             },
             kv: KvInput::Arrived(PrefilledKv {
                 first_token: kv.header.first_token,
+                draft_token: kv.header.draft_token,
                 rows: kv.rows,
             }),
         };

@@ -264,7 +264,9 @@ impl Actor {
                         kv.rows.tokens
                     )));
                 }
-                request = request.with_kv_arrived(kv.first_token.id);
+                request = request
+                    .with_kv_arrived(kv.first_token.id)
+                    .with_kv_draft(kv.draft_token);
                 (false, Some((kv.first_token, kv.rows)))
             }
         };
@@ -356,6 +358,7 @@ impl Actor {
         let job = Job::Export {
             table: self.state.block_table(key).to_vec(),
             tokens: active.prompt_tokens as usize,
+            draft_token: self.state.sequence(key).and_then(|s| s.draft()),
             request_id: name,
             reply,
         };

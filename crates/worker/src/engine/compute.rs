@@ -49,6 +49,7 @@ pub(crate) enum Job {
         request_id: String,
         table: Vec<BlockId>,
         tokens: usize,
+        draft_token: Option<u32>,
         reply: oneshot::Sender<Result<ExportedKv, ExportError>>,
     },
 }
@@ -92,6 +93,7 @@ where
                 request_id,
                 table,
                 tokens,
+                draft_token,
                 reply,
             } => {
                 let exported = parts
@@ -99,6 +101,7 @@ where
                     .export_kv(&table, tokens)
                     .map(|rows| ExportedKv {
                         rows,
+                        draft_token,
                         transfer_simulated_ns: parts.clock.kv_transfer_ns(tokens),
                     })
                     .map_err(|source| ExportError::Store {

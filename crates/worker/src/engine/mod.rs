@@ -59,6 +59,9 @@ pub enum KvInput {
 pub struct PrefilledKv {
     /// The first token (emitted first, with its logprobs).
     pub first_token: SampledToken,
+    /// Prefill's MTP draft for the next token, verified in the first decode step (ignored
+    /// without speculative decoding).
+    pub draft_token: Option<u32>,
     /// The prompt's latent KV (`tokens` must equal the prompt length).
     pub rows: KvRows,
 }
@@ -204,6 +207,8 @@ impl SubmitError {
 pub struct ExportedKv {
     /// The prompt's latent KV.
     pub rows: KvRows,
+    /// The MTP draft proposed after the first token, when the engine drafts.
+    pub draft_token: Option<u32>,
     /// Simulated time to push it to a decode instance (the clock's `kv_transfer_ns`).
     pub transfer_simulated_ns: u64,
 }
