@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, instance_stats, sse_events, wait_until};
+use common::{Cluster, instance_stats, metric_sum, metrics_text, sse_events, wait_until};
 use serde_json::{Value, json};
 
 /// A prompt of about `words` tokens (the tiny model's tokenizer splits these into words).
@@ -190,19 +190,8 @@ async fn a_killed_prefill_process_is_retried_on_the_other(
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "x-pdserve-prefill-instance"), "p1");
     }
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let retries: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("pdserve_router_retries_total") && l.contains("role=\"prefill\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let metrics = metrics_text(client, base).await;
+    let retries = metric_sum(&metrics, "pdserve_router_retries_total", "role=\"prefill\"");
     assert!(retries >= f64::from(retried), "router metrics: {metrics}");
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{Proc, metric_sum, post};
+use common::{Proc, metric_sum, metrics_text, post};
 use serde_json::{Value, json};
 
 /// The modeled cluster of both processes: EP8 on GB200 NVL72 (an H800 cannot hold 32 of
@@ -150,12 +150,7 @@ async fn ep_runtime_serves_the_same_greedy_tokens_as_local_experts() {
 
     // The decode instance's metrics (rendered by the router's /metrics) show the EP group's
     // dispatch/combine traffic and the balancedness of the placement it ran with.
-    let text = reqwest::get(format!("{ep_base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = metrics_text(&reqwest::Client::new(), &ep_base).await;
     let decode = "instance=\"decode-0\"";
     let bytes = metric_sum(&text, "pdserve_fabric_link_bytes_total", decode);
     assert!(bytes > 0.0, "no EP traffic on decode-0:\n{text}");

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Proc, generate, metric_sum, post, sse_events, wait_until};
+use common::{Proc, generate, metric_sum, metrics_text, post, sse_events, wait_until};
 use serde_json::{Value, json};
 
 const PROMPT: &str = "And God said, Let there be light";
@@ -37,14 +37,7 @@ async fn seeds_logprobs_and_min_tokens_hold_across_prefill_and_decode() {
 /// the draft, so decode's only step verifies one (without it, that step would have none).
 async fn prefill_draft_is_verified_in_the_first_decode_step(client: &reqwest::Client, base: &str) {
     let drafts = || async {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = metrics_text(client, base).await;
         let name = "pdserve_decode_spec_decode_num_drafts_total";
         metric_sum(&text, name, "instance=\"decode-0\"")
     };

@@ -354,6 +354,18 @@ where
     }
 }
 
+/// `GET {base}/metrics` as text.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// The sum of the samples of metric `name` whose labels contain `label`, in a Prometheus text
 /// exposition.
 pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
