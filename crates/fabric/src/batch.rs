@@ -5,9 +5,11 @@
 //! request order; [`LayerRouting`](crate::LayerRouting) uses the same numbering.
 //!
 //! Two-micro-batch overlap splits each rank's tokens at one point ([`RankBatch::split_point`]): the
-//! request boundary nearest half the tokens, or the exact middle when a single request holds more
-//! than a quarter of the tokens on each side of it (a long prompt is then split between the micro-
-//! batches, as DeepSeek's prefill does).
+//! request boundary nearest half the tokens. In prefill, when a single request holds more than a
+//! quarter of the tokens on each side of that boundary, the split is the exact middle instead (a
+//! long prompt is then split between the micro-batches, as DeepSeek's prefill does). A decode
+//! request is never split: its tokens (the input and an MTP draft) are one query of one forward,
+//! so a rank with a single decode request leaves one micro-batch empty.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,8 +65,8 @@ impl RankBatch {
         self.requests.iter().map(|r| u64::from(r.new_tokens)).sum()
     }
 
-    /// The token index where micro-batch 1 starts (see the module doc).
-    pub fn split_point(&self) -> u64 {
+    /// The token index where micro-batch 1 starts in `phase` (see the module doc).
+    pub fn split_point(&self, phase: Phase) -> u64 {
         let total = self.tokens();
         let half = total as f64 / 2.0;
         let mut best = 0u64;
@@ -75,7 +77,7 @@ impl RankBatch {
                 best = acc;
             }
         }
-        if (best as f64 - half).abs() > total as f64 / 4.0 {
+        if phase == Phase::Prefill && (best as f64 - half).abs() > total as f64 / 4.0 {
             total.div_ceil(2)
         } else {
             best
@@ -165,7 +167,19 @@ mod tests {
     #[test]
     fn decode_ranks_split_at_the_request_boundary_nearest_half() {
         let b = StepBatch::uniform(1, 5, 100, 2);
-        assert_eq!(b.ranks[0].split_point(), 4);
+        assert_eq!(b.ranks[0].split_point(Phase::Decode), 4);
+    }
+
+    #[test]
+    fn a_decode_request_is_never_split_between_micro_batches() {
+        // One request verifying a draft: both tokens stay together (micro-batch 0 is empty).
+        let one = StepBatch::uniform(1, 1, 100, 2);
+        assert_eq!(one.ranks[0].split_point(Phase::Decode), 0);
+        // The same shape as a prompt chunk is split in the middle.
+        assert_eq!(one.ranks[0].split_point(Phase::Prefill), 1);
+        // Three requests of 2 tokens: the boundary nearest half, 2 or 4 tokens.
+        let three = StepBatch::uniform(1, 3, 100, 2);
+        assert_eq!(three.ranks[0].split_point(Phase::Decode), 2);
     }
 
     #[test]
@@ -176,7 +190,7 @@ mod tests {
                 new_tokens: 4096,
             }],
         };
-        assert_eq!(r.split_point(), 2048);
+        assert_eq!(r.split_point(Phase::Prefill), 2048);
         let second = r.attention_load(2048, 4096);
         assert_eq!(second.tokens, 2048);
         // Token i of the second half attends 2048 + i + 1 keys.

@@ -13,7 +13,7 @@
 //! and the trace do not depend on the thread count.
 
 use crate::ahead::{PlanBuilder, PlanSource};
-use crate::batch::{AttentionLoad, StepBatch};
+use crate::batch::{AttentionLoad, Phase, StepBatch};
 use crate::cost::StageCost;
 use crate::error::FabricError;
 use crate::fabric::{Fabric, Mode};
@@ -77,7 +77,7 @@ impl<'f, 'i> Executor<'f, 'i> {
             .count();
         let program = schedule::build(input.phase, input.schedule, &layers)?;
         let mbs = input.schedule.micro_batches();
-        let ranges = micro_batch_ranges(input.batch, mbs);
+        let ranges = micro_batch_ranges(input.batch, input.phase, mbs);
         let durations = durations(fabric, input, &ranges);
         let slots = (input.routing.len() + usize::from(input.mtp_routing.is_some())) * mbs;
         let mut exec = Self {
@@ -446,7 +446,7 @@ fn durations(fabric: &Fabric, input: &StepInput<'_>, ranges: &[Vec<(usize, usize
 }
 
 /// Token ranges of each micro-batch on each rank.
-fn micro_batch_ranges(batch: &StepBatch, mbs: usize) -> Vec<Vec<(usize, usize)>> {
+fn micro_batch_ranges(batch: &StepBatch, phase: Phase, mbs: usize) -> Vec<Vec<(usize, usize)>> {
     let total: Vec<usize> = batch.ranks.iter().map(|r| r.tokens() as usize).collect();
     if mbs == 1 {
         return vec![total.iter().map(|&t| (0, t)).collect()];
@@ -454,7 +454,7 @@ fn micro_batch_ranges(batch: &StepBatch, mbs: usize) -> Vec<Vec<(usize, usize)>>
     let split: Vec<usize> = batch
         .ranks
         .iter()
-        .map(|r| r.split_point() as usize)
+        .map(|r| r.split_point(phase) as usize)
         .collect();
     vec![
         split.iter().map(|&s| (0, s)).collect(),

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::batch::StepBatch;
+use crate::batch::{Phase, StepBatch};
 use crate::error::FabricError;
 use crate::fabric::{Fabric, FabricConfig, Mode};
 use crate::network::CollectiveKind;
@@ -235,7 +235,7 @@ fn sweep_point(s: &Scenario, tbo: bool) -> Result<SweepPoint, FabricError> {
 /// Mean isolated dispatch and combine over the scenario's routing layers (at most 8), for the
 /// first micro-batch when `tbo`, else the whole batch.
 fn isolated_means(run: &ScenarioRun, tbo: bool) -> Result<(f64, f64), FabricError> {
-    let ranges = ranges_of(&run.batch, tbo);
+    let ranges = ranges_of(&run.batch, run.phase, tbo);
     let layers: Vec<(&LayerRouting, &ExpertPlacement)> = run
         .routing
         .iter()
@@ -252,13 +252,13 @@ fn isolated_means(run: &ScenarioRun, tbo: bool) -> Result<(f64, f64), FabricErro
     Ok((d / k, c / k))
 }
 
-fn ranges_of(batch: &StepBatch, first_micro_batch: bool) -> Vec<(usize, usize)> {
+fn ranges_of(batch: &StepBatch, phase: Phase, first_micro_batch: bool) -> Vec<(usize, usize)> {
     batch
         .ranks
         .iter()
         .map(|r| {
             if first_micro_batch {
-                (0, r.split_point() as usize)
+                (0, r.split_point(phase) as usize)
             } else {
                 (0, r.tokens() as usize)
             }
