@@ -148,6 +148,19 @@ impl ExpertBank {
         self.local_of.contains_key(&id)
     }
 
+    /// Expert `id`'s weights as views into the bank's storage, in the layout
+    /// [`from_weights`](Self::from_weights) takes (`gate_up` `[hidden, 2·inter]`, `down`
+    /// `[inter, hidden]`); `None` when the bank does not hold it.
+    pub fn expert_weights(&self, id: u32) -> Option<Result<(Tensor, Tensor)>> {
+        let &local = self.local_of.get(&id)?;
+        Some(
+            self.gate_up
+                .get(local)
+                .and_then(|gate_up| Ok((gate_up, self.down.get(local)?)))
+                .map_err(ModelError::from),
+        )
+    }
+
     /// The routed output `[n, hidden]` of `hidden` `[n, hidden]` for `routing`; every routed
     /// expert must be held by this bank.
     pub fn forward(&self, hidden: &Tensor, routing: &Routing) -> Result<Tensor> {
@@ -315,6 +328,27 @@ mod tests {
         }
         let ids: Vec<u32> = (0..n_experts).collect();
         ExpertBank::from_weights(&ids, &gu, &dn).unwrap()
+    }
+
+    #[test]
+    fn expert_weights_read_one_expert_back_out_of_the_bank() {
+        let dev = Device::Cpu;
+        let (h, inter) = (6, 4);
+        let gu: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn(0f32, 1., (h, 2 * inter), &dev).unwrap())
+            .collect();
+        let dn: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn(0f32, 1., (inter, h), &dev).unwrap())
+            .collect();
+        // Global ids 9, 4, 7 in local order.
+        let b = ExpertBank::from_weights(&[9, 4, 7], &gu, &dn).unwrap();
+        let (g, d) = b.expert_weights(4).unwrap().unwrap();
+        let same = |a: &Tensor, b: &Tensor| {
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert!(same(&g, &gu[1]) && same(&d, &dn[1]));
+        assert!(b.expert_weights(5).is_none());
     }
 
     fn per_expert_reference(b: &ExpertBank, x: &Tensor, routing: &Routing) -> Tensor {

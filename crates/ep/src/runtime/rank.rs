@@ -1,18 +1,19 @@
 //! EP ranks: the routed-expert weights each simulated GPU holds, per MoE layer.
 //!
 //! A rank holds, for every MoE layer, the logical experts of its physical slots
-//! ([`crate::ExpertPlacement::logical_on_rank`]): its "HBM" is one [`ExpertWeights`] per distinct
-//! expert (two slots of one expert share one copy), and the same weights stacked into an
-//! [`ExpertBank`] for grouped execution. Redundant replicas are real duplicates: two ranks that
-//! host expert `e` each load (or receive) their own copy.
+//! ([`crate::ExpertPlacement::logical_on_rank`]): its "HBM" is one [`ExpertBank`], the distinct
+//! experts' weights stacked for grouped execution (two slots of one expert share one copy); no
+//! other copy is kept. Redundant replicas are real duplicates: two ranks that host expert `e`
+//! each load (or receive) their own copy.
 //!
-//! Invariants: a [`RankLayer`]'s bank holds exactly the keys of its weights, in ascending id; every
-//! rank has at least one expert per layer (a placement gives every rank `(N + R) / D ≥ 1` slots).
+//! Invariants: a [`RankLayer`]'s bank holds its distinct experts in ascending id; every rank has at
+//! least one expert per layer (a placement gives every rank `(N + R) / D ≥ 1` slots).
 //!
 //! Rebalancing ([`rebuild_ranks`]) keeps the weights a rank already holds and copies every newly
 //! needed expert from a rank that held it before (one on the same node when there is one, else the
-//! lowest rank): weights move between ranks as they would between GPUs, never from the checkpoint,
-//! and the bytes moved are reported per (source, destination).
+//! lowest rank), reading them out of the old banks: weights move between ranks as they would
+//! between GPUs, never from the checkpoint, and the bytes moved are reported per (source,
+//! destination).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -23,36 +24,9 @@ use pdserve_model::{Checkpoint, ExpertBank};
 use super::error::EpRuntimeError;
 use crate::ExpertPlacement;
 
-/// One routed expert's weights, in the layout [`ExpertBank::from_weights`] takes.
-#[derive(Debug, Clone)]
-pub(crate) struct ExpertWeights {
-    /// `[hidden, 2·inter]`: gate columns then up columns.
-    gate_up: Tensor,
-    /// `[inter, hidden]`.
-    down: Tensor,
-}
-
-impl ExpertWeights {
-    /// Loads expert `expert` of layer `layer` with the model's own loader
-    /// ([`ExpertBank::load_expert`]: the tensors and layout of [`ExpertBank::load`]).
-    fn load(
-        ckpt: &Checkpoint,
-        layer: usize,
-        expert: u32,
-        device: &Device,
-    ) -> Result<Self, EpRuntimeError> {
-        let (gate_up, down) = ExpertBank::load_expert(ckpt, layer, expert, device)?;
-        Ok(Self { gate_up, down })
-    }
-
-    /// A copy in new storage (a transfer to another rank).
-    fn deep_copy(&self) -> Result<Self, EpRuntimeError> {
-        Ok(Self {
-            gate_up: self.gate_up.copy()?,
-            down: self.down.copy()?,
-        })
-    }
-}
+/// One routed expert's weights, `(gate_up [hidden, 2·inter], down [inter, hidden])`: the layout
+/// [`ExpertBank::from_weights`] takes.
+type ExpertWeights = (Tensor, Tensor);
 
 /// Widths of one routed expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,24 +48,26 @@ impl ExpertShape {
 #[derive(Debug, Clone)]
 pub struct RankLayer {
     slots: Range<usize>,
-    weights: BTreeMap<u32, ExpertWeights>,
     bank: ExpertBank,
 }
 
 impl RankLayer {
+    /// Stacks `weights` (ascending id) into the rank's bank; the inputs are dropped after.
     fn from_weights(
         slots: Range<usize>,
         weights: BTreeMap<u32, ExpertWeights>,
     ) -> Result<Self, EpRuntimeError> {
         let ids: Vec<u32> = weights.keys().copied().collect();
-        let gate_up: Vec<Tensor> = weights.values().map(|w| w.gate_up.clone()).collect();
-        let down: Vec<Tensor> = weights.values().map(|w| w.down.clone()).collect();
+        let (gate_up, down): (Vec<Tensor>, Vec<Tensor>) = weights.into_values().unzip();
         let bank = ExpertBank::from_weights(&ids, &gate_up, &down)?;
-        Ok(Self {
-            slots,
-            weights,
-            bank,
-        })
+        Ok(Self { slots, bank })
+    }
+
+    /// Expert `id`'s weights as views into this rank's bank.
+    fn expert_weights(&self, id: u32) -> Option<Result<ExpertWeights, EpRuntimeError>> {
+        self.bank
+            .expert_weights(id)
+            .map(|w| w.map_err(EpRuntimeError::from))
     }
 
     /// The physical slots this rank holds in this layer.
@@ -173,7 +149,7 @@ pub(crate) fn load_ranks(
         for (rank, ep_rank) in ranks.iter_mut().enumerate() {
             let mut weights = BTreeMap::new();
             for id in experts_of_rank(placement, rank) {
-                weights.insert(id, ExpertWeights::load(ckpt, layer, id, device)?);
+                weights.insert(id, ExpertBank::load_expert(ckpt, layer, id, device)?);
             }
             ep_rank.layers.push(RankLayer::from_weights(
                 placement.physical_on_rank(rank),
@@ -246,8 +222,9 @@ pub(crate) fn rebuild_ranks(
             let old_layer = &old[rank].layers[moe];
             let mut weights = BTreeMap::new();
             for id in experts_of_rank(placement, rank) {
-                let w = match old_layer.weights.get(&id) {
-                    Some(w) => w.clone(),
+                // Kept or copied, the weights are stacked into the new bank (new storage).
+                let w = match old_layer.expert_weights(id) {
+                    Some(w) => w?,
                     None => {
                         let candidates = holders.get(id as usize).map(Vec::as_slice).unwrap_or(&[]);
                         let node = placement.node_of_rank(rank);
@@ -262,19 +239,15 @@ pub(crate) fn rebuild_ranks(
                                     format!("expert {id} has no holder in the current placement"),
                                 )
                             })? as usize;
-                        let w = old[src].layers[moe]
-                            .weights
-                            .get(&id)
-                            .ok_or_else(|| {
-                                EpRuntimeError::field(
-                                    "placements",
-                                    format!(
-                                        "rank {src} should hold expert {id} of MoE layer {moe} \
-                                         but does not"
-                                    ),
-                                )
-                            })?
-                            .deep_copy()?;
+                        let w = old[src].layers[moe].expert_weights(id).ok_or_else(|| {
+                            EpRuntimeError::field(
+                                "placements",
+                                format!(
+                                    "rank {src} should hold expert {id} of MoE layer {moe} \
+                                     but does not"
+                                ),
+                            )
+                        })??;
                         moves.experts[src * num_ranks + rank] += 1;
                         w
                     }
