@@ -28,7 +28,7 @@ use anyhow::{Context, anyhow};
 use pdserve_engine::{
     ClockConfig, ExecutorConfig, FabricStepClock, ModelExecutor, SchedulerConfig,
 };
-use pdserve_ep::{EpGroup, EpRuntimeConfig, PlacementConfig};
+use pdserve_ep::{EpGroup, EpRuntimeConfig};
 use pdserve_fabric::{Mode, Phase};
 use pdserve_model::{Checkpoint, DeepSeekV3, LocalExperts};
 use pdserve_protocol::openai::SimMode;
@@ -88,9 +88,12 @@ pub struct SimSection {
     /// instance's own `engine.time_scale`.
     pub time_scale: Option<f64>,
     /// Run prefill instances' routed experts on the EP runtime with this configuration (its
-    /// `placement.num_ranks` is `prefill_ep_size`); absent: every expert local.
+    /// `placement.num_ranks` is `prefill_ep_size`, and may not be set); absent: every expert
+    /// local.
+    #[serde(deserialize_with = "ep_runtime_section")]
     pub prefill_ep_runtime: Option<EpRuntimeConfig>,
     /// The same for decode instances (`placement.num_ranks` is `decode_ep_size`).
+    #[serde(deserialize_with = "ep_runtime_section")]
     pub decode_ep_runtime: Option<EpRuntimeConfig>,
 }
 
@@ -118,37 +121,38 @@ impl SimSection {
         }
     }
 
-    /// The EP runtime of `phase`'s instances, `None` for local experts. Its
-    /// `placement.num_ranks` becomes the phase's EP size; a section that sets another value
-    /// (other than the placement default, which stands for "unset") is refused, naming both keys.
-    pub fn ep_runtime(&self, phase: Phase) -> anyhow::Result<Option<EpRuntimeConfig>> {
-        let (key, size_key, section) = match phase {
-            Phase::Prefill => (
-                "prefill_ep_runtime",
-                "prefill_ep_size",
-                &self.prefill_ep_runtime,
-            ),
-            Phase::Decode => (
-                "decode_ep_runtime",
-                "decode_ep_size",
-                &self.decode_ep_runtime,
-            ),
+    /// The EP runtime of `phase`'s instances, `None` for local experts; its
+    /// `placement.num_ranks` is the phase's EP size.
+    pub fn ep_runtime(&self, phase: Phase) -> Option<EpRuntimeConfig> {
+        let section = match phase {
+            Phase::Prefill => &self.prefill_ep_runtime,
+            Phase::Decode => &self.decode_ep_runtime,
         };
-        let Some(ep) = section else {
-            return Ok(None);
-        };
-        let ranks = self.ep_size(phase) as usize;
-        let given = ep.placement.num_ranks;
-        if given != ranks && given != PlacementConfig::default().num_ranks {
-            return Err(anyhow!(
-                "[sim.{key}.placement] num_ranks = {given} but [sim] {size_key} = {ranks}: the \
-                 EP group's ranks are its GPUs (leave num_ranks out)"
-            ));
-        }
-        let mut ep = ep.clone();
-        ep.placement.num_ranks = ranks;
-        Ok(Some(ep))
+        let mut ep = section.clone()?;
+        ep.placement.num_ranks = self.ep_size(phase) as usize;
+        Some(ep)
     }
+}
+
+/// An `ep_runtime` section of `[sim]`: an [`EpRuntimeConfig`] whose `placement.num_ranks` is left
+/// out (the EP group's ranks are the phase's GPUs, `prefill_ep_size` / `decode_ep_size`).
+fn ep_runtime_section<'de, D>(d: D) -> Result<Option<EpRuntimeConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let Some(section) = Option::<toml::Table>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(n) = section.get("placement").and_then(|p| p.get("num_ranks")) {
+        return Err(D::Error::custom(format!(
+            "placement.num_ranks = {n}: the EP group's ranks are its GPUs, set by \
+             prefill_ep_size / decode_ep_size (leave num_ranks out)"
+        )));
+    }
+    EpRuntimeConfig::deserialize(toml::Value::Table(section))
+        .map(Some)
+        .map_err(D::Error::custom)
 }
 
 impl ClusterFile {
@@ -329,7 +333,7 @@ pub fn build_parts_from(
     phase: Phase,
 ) -> anyhow::Result<Parts> {
     let ep_size = sim.ep_size(phase);
-    let ep = sim.ep_runtime(phase)?;
+    let ep = sim.ep_runtime(phase);
     let what = match phase {
         Phase::Prefill => "prefill_ep_runtime",
         Phase::Decode => "decode_ep_runtime",
@@ -498,26 +502,32 @@ mod tests {
     }
 
     #[test]
-    fn ep_runtime_takes_its_ranks_from_the_phase_ep_size_and_refuses_another() {
-        let mut sim: SimSection = toml::from_str(
+    fn ep_runtime_takes_its_ranks_from_the_phase_ep_size_and_refuses_its_own() {
+        let sim: SimSection = toml::from_str(
             "decode_ep_size = 16\n[decode_ep_runtime.placement]\nnum_redundant_experts = 16\n",
         )
         .unwrap();
-        assert!(
-            sim.ep_runtime(Phase::Prefill).unwrap().is_none(),
-            "local by default"
-        );
-        let ep = sim.ep_runtime(Phase::Decode).unwrap().unwrap();
+        assert!(sim.ep_runtime(Phase::Prefill).is_none(), "local by default");
+        let ep = sim.ep_runtime(Phase::Decode).unwrap();
         assert_eq!(ep.ep_size(), 16);
         assert_eq!(ep.placement.num_redundant_experts, 16);
-        if let Some(ep) = sim.decode_ep_runtime.as_mut() {
-            ep.placement.num_ranks = 32;
+        // Any explicit num_ranks is refused, the placement default (8) and the EP size included.
+        for n in [8, 16, 32] {
+            let err = toml::from_str::<SimSection>(&format!(
+                "decode_ep_size = 16\n[decode_ep_runtime.placement]\nnum_ranks = {n}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(&format!("num_ranks = {n}")) && err.contains("decode_ep_size"),
+                "{err}"
+            );
         }
-        let err = sim.ep_runtime(Phase::Decode).unwrap_err().to_string();
-        assert!(
-            err.contains("num_ranks = 32") && err.contains("decode_ep_size = 16"),
-            "{err}"
-        );
+        // Other keys are still checked.
+        let err = toml::from_str::<SimSection>("[prefill_ep_runtime.placement]\nranks = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ranks"), "{err}");
     }
 
     #[test]
@@ -552,9 +562,9 @@ mod tests {
             .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
             .collect();
         let file: ClusterFile = toml::from_str(&example).unwrap();
-        let ep = file.sim.ep_runtime(Phase::Decode).unwrap().unwrap();
+        let ep = file.sim.ep_runtime(Phase::Decode).unwrap();
         assert_eq!(ep.ep_size(), file.sim.decode_ep_size as usize);
-        assert!(file.sim.ep_runtime(Phase::Prefill).unwrap().is_some());
+        assert!(file.sim.ep_runtime(Phase::Prefill).is_some());
     }
 
     #[test]
