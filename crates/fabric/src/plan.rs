@@ -109,16 +109,17 @@ struct Matrix<'a, D, F> {
 }
 
 impl FlowSet {
-    /// The flows of the non-empty cells of `m`. The cells are counted into both groupings by one
-    /// stable counting sort on units (cells in row-major order, so ties go by the other end).
+    /// The flows of the non-empty cells of `m` (at most [`Topology::MAX_GPUS`] rows and columns).
+    /// The cells are counted into both groupings by one stable counting sort on units (cells in
+    /// row-major order, so ties go by the other end).
     #[inline(never)]
     fn from_matrix<D, F>(num_gpus: usize, m: Matrix<'_, D, F>) -> Self
     where
         D: Fn(u32, u32) -> u32,
         F: Fn(usize, u32, u32) -> (bool, usize),
     {
-        let cols = m.cols as u32;
-        // Non-empty cells as (s << 16 | c), row-major; endpoint counts; the largest cell.
+        // Non-empty cells as (s << 16 | c), row-major (GPUs and columns fit 16 bits:
+        // `Topology::MAX_GPUS`); endpoint counts.
         let mut cells = Vec::with_capacity(m.units.len() / 2);
         let mut src_offsets = vec![0u32; num_gpus + 1];
         let mut dst_offsets = vec![0u32; num_gpus + 1];
@@ -174,7 +175,6 @@ impl FlowSet {
             set.by_dst[dst_fill[d as usize] as usize] = PackedFlow { rx: s, ..flow };
             dst_fill[d as usize] += 1;
         }
-        debug_assert!(cols as usize == m.cols && m.cols <= 1 << 16 && num_gpus <= 1 << 16);
         set.src_latency_us = set.shared_latency(&set.by_src, &src_offsets);
         set.dst_latency_us = set.shared_latency(&set.by_dst, &dst_offsets);
         set.src_offsets = src_offsets;

@@ -66,14 +66,17 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// The most GPUs an EP group may have (traffic plans index GPUs with 16 bits).
+    pub const MAX_GPUS: u32 = 1 << 16;
+
     /// The EP group of `num_gpus` GPUs on `profile`'s hardware.
     pub fn new(profile: &HardwareProfile, num_gpus: u32) -> Result<Self, FabricError> {
         let domain = profile.scale_up.domain_gpus;
-        if num_gpus == 0 {
+        if num_gpus == 0 || num_gpus > Self::MAX_GPUS {
             return Err(FabricError::invalid(
                 "topology",
                 "ep_size",
-                "must be at least 1, got 0",
+                format!("must be in 1..={}, got {num_gpus}", Self::MAX_GPUS),
             ));
         }
         if num_gpus > domain && !num_gpus.is_multiple_of(domain) {
@@ -242,6 +245,10 @@ mod tests {
         let err = Topology::new(&h800(), 100).unwrap_err().to_string();
         assert!(err.contains("ep_size"), "{err}");
         assert!(Topology::new(&h800(), 0).is_err());
+        let err = Topology::new(&h800(), (1 << 16) + 8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ep_size") && err.contains("65536"), "{err}");
     }
 
     #[test]
