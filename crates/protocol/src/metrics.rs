@@ -396,7 +396,11 @@ pub const ROUTER_INSTANCE_KV_CACHE_USAGE_PERC: MetricDef = gauge(
 );
 
 mod engine;
+#[cfg(feature = "prometheus")]
+mod registry;
 pub use engine::*;
+#[cfg(feature = "prometheus")]
+pub use registry::CatalogRegistry;
 
 // ---------------------------------------------------------------------------------------------
 // Prefill only.

@@ -10,23 +10,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
-use metrics_exporter_prometheus::{
-    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::BuildError;
 pub use pdserve_protocol::metrics as catalog;
-use pdserve_protocol::metrics::{MetricDef, MetricKind};
-
-static METADATA: Metadata<'static> =
-    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+use pdserve_protocol::metrics::{CatalogRegistry, MetricDef};
 
 /// Renders another registry's Prometheus text (e.g. an in-process instance).
 pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// The router's metrics registry.
 pub struct RouterMetrics {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
+    registry: CatalogRegistry,
     sources: Mutex<Vec<MetricsSource>>,
 }
 
@@ -36,47 +30,11 @@ impl std::fmt::Debug for RouterMetrics {
     }
 }
 
-/// The catalog's unit of `def` as the `metrics` crate's, when it has one.
-fn unit_of(def: &MetricDef) -> Option<Unit> {
-    match def.unit {
-        "seconds" => Some(Unit::Seconds),
-        "bytes" => Some(Unit::Bytes),
-        _ => None,
-    }
-}
-
-/// Histogram buckets and descriptions of `defs` on a builder / recorder.
-pub(crate) fn with_buckets<'a>(
-    mut builder: PrometheusBuilder,
-    defs: impl Iterator<Item = &'a MetricDef>,
-) -> Result<PrometheusBuilder, BuildError> {
-    for d in defs.filter(|d| d.kind == MetricKind::Histogram) {
-        builder = builder.set_buckets_for_metric(Matcher::Full(d.name.to_string()), d.buckets)?;
-    }
-    Ok(builder)
-}
-
-fn describe<'a>(recorder: &PrometheusRecorder, defs: impl Iterator<Item = &'a MetricDef>) {
-    for d in defs {
-        let name = KeyName::from_const_str(d.name);
-        match d.kind {
-            MetricKind::Counter => recorder.describe_counter(name, unit_of(d), d.help.into()),
-            MetricKind::Gauge => recorder.describe_gauge(name, unit_of(d), d.help.into()),
-            MetricKind::Histogram => recorder.describe_histogram(name, unit_of(d), d.help.into()),
-        }
-    }
-}
-
 impl RouterMetrics {
     /// A fresh registry with the catalog's buckets and descriptions of every router metric.
     pub fn new() -> Result<RouterMetrics, BuildError> {
-        let builder = with_buckets(PrometheusBuilder::new(), catalog::of_component("router"))?;
-        let recorder = builder.build_recorder();
-        let handle = recorder.handle();
-        describe(&recorder, catalog::of_component("router"));
         Ok(RouterMetrics {
-            recorder,
-            handle,
+            registry: CatalogRegistry::new(catalog::of_component("router"), None)?,
             sources: Mutex::new(Vec::new()),
         })
     }
@@ -90,8 +48,7 @@ impl RouterMetrics {
 
     /// Prometheus text exposition: the router's metrics, then every added source's, merged.
     pub fn render(&self) -> String {
-        self.handle.run_upkeep();
-        let own = self.handle.render();
+        let own = self.registry.render();
         let sources: Vec<MetricsSource> = match self.sources.lock() {
             Ok(s) => s.clone(),
             Err(_) => Vec::new(),
@@ -106,38 +63,22 @@ impl RouterMetrics {
 
     /// Drains histogram buffers; call periodically when nobody scrapes.
     pub fn run_upkeep(&self) {
-        self.handle.run_upkeep();
-    }
-
-    fn key(def: &MetricDef, labels: &[(&'static str, &str)]) -> Key {
-        debug_assert!(
-            labels.iter().all(|(k, _)| def.labels.contains(k)),
-            "{}: label not in the catalog",
-            def.name
-        );
-        let labels: Vec<Label> = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.to_string()))
-            .collect();
-        Key::from_parts(def.name, labels)
+        self.registry.run_upkeep();
     }
 
     /// A counter handle.
     pub fn counter(&self, def: &MetricDef, labels: &[(&'static str, &str)]) -> Counter {
-        self.recorder
-            .register_counter(&Self::key(def, labels), &METADATA)
+        self.registry.counter(def, labels)
     }
 
     /// A gauge handle.
     pub fn gauge(&self, def: &MetricDef, labels: &[(&'static str, &str)]) -> Gauge {
-        self.recorder
-            .register_gauge(&Self::key(def, labels), &METADATA)
+        self.registry.gauge(def, labels)
     }
 
     /// A histogram handle.
     pub fn histogram(&self, def: &MetricDef, labels: &[(&'static str, &str)]) -> Histogram {
-        self.recorder
-            .register_histogram(&Self::key(def, labels), &METADATA)
+        self.registry.histogram(def, labels)
     }
 
     /// Records one answered request.

@@ -13,22 +13,17 @@
 
 use std::sync::Arc;
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
-use metrics_exporter_prometheus::{
-    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::BuildError;
 use pdserve_engine::{EngineStats, FinishReason, Pacer};
 use pdserve_protocol::internal::Role;
 pub use pdserve_protocol::metrics as catalog;
-use pdserve_protocol::metrics::{EngineDefs, MetricDef, MetricKind};
+use pdserve_protocol::metrics::{CatalogRegistry, EngineDefs, MetricDef};
 
 use crate::backend::FabricStepReport;
 
 /// Expert ids at or above this are not recorded (the `expert` label's bound).
 pub const MAX_EXPERT_LABELS: usize = 256;
-
-static METADATA: Metadata<'static> =
-    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 const FINISH_REASONS: [FinishReason; 4] = [
     FinishReason::Length,
@@ -73,46 +68,10 @@ impl RejectReason {
     }
 }
 
-/// A registry: where handles are registered and the text is rendered.
-struct Registry {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
-}
-
-impl Registry {
-    fn key(def: &MetricDef, labels: &[(&'static str, String)]) -> Key {
-        debug_assert!(
-            labels.iter().all(|(k, _)| def.labels.contains(k)),
-            "{}: label not in the catalog",
-            def.name
-        );
-        let labels: Vec<Label> = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.clone()))
-            .collect();
-        Key::from_parts(def.name, labels)
-    }
-
-    fn counter(&self, def: &MetricDef, labels: &[(&'static str, String)]) -> Counter {
-        self.recorder
-            .register_counter(&Self::key(def, labels), &METADATA)
-    }
-
-    fn gauge(&self, def: &MetricDef, labels: &[(&'static str, String)]) -> Gauge {
-        self.recorder
-            .register_gauge(&Self::key(def, labels), &METADATA)
-    }
-
-    fn histogram(&self, def: &MetricDef, labels: &[(&'static str, String)]) -> Histogram {
-        self.recorder
-            .register_histogram(&Self::key(def, labels), &METADATA)
-    }
-}
-
 /// The fabric and EP metrics of one engine (the `pdserve_fabric_*` / `pdserve_ep_*` families).
 #[derive(Clone)]
 struct FabricMetrics {
-    registry: Option<Arc<Registry>>,
+    registry: Option<Arc<CatalogRegistry>>,
     role: &'static str,
     /// `[nvlink, ib]`.
     link_bytes: [Counter; 2],
@@ -150,10 +109,10 @@ impl FabricMetrics {
         }
     }
 
-    fn new(registry: &Arc<Registry>, role: &'static str) -> Self {
+    fn new(registry: &Arc<CatalogRegistry>, role: &'static str) -> Self {
         let r = registry.as_ref();
-        let by_role = [("role", role.to_string())];
-        let link = |link: &str| [("role", role.to_string()), ("link", link.to_string())];
+        let by_role = [("role", role)];
+        let link = |link: &'static str| [("role", role), ("link", link)];
         Self {
             registry: Some(Arc::clone(registry)),
             role,
@@ -194,7 +153,7 @@ impl FabricMetrics {
                 let id = self.experts.len().to_string();
                 self.experts.push(registry.counter(
                     &catalog::EP_EXPERT_TOKENS_TOTAL,
-                    &[("role", self.role.to_string()), ("expert", id)],
+                    &[("role", self.role), ("expert", &id)],
                 ));
             }
         }
@@ -319,7 +278,7 @@ impl EngineMetrics {
 
 /// One service's metrics registry and its rendering.
 pub struct ServiceMetrics {
-    registry: Arc<Registry>,
+    registry: Arc<CatalogRegistry>,
     role: Role,
 }
 
@@ -336,56 +295,27 @@ fn components(role: Role) -> [&'static str; 3] {
     [role.as_str(), "fabric", "ep"]
 }
 
-fn unit_of(def: &MetricDef) -> Option<Unit> {
-    match def.unit {
-        "seconds" => Some(Unit::Seconds),
-        "bytes" => Some(Unit::Bytes),
-        _ => None,
-    }
-}
-
 impl ServiceMetrics {
     /// A fresh registry for the service `instance_id` of `role`, with the catalog's buckets and
     /// descriptions; every series gets the label `instance="<instance_id>"`.
     pub fn new(role: Role, instance_id: &str) -> Result<Self, BuildError> {
-        let defs = || components(role).into_iter().flat_map(catalog::of_component);
-        let mut builder = PrometheusBuilder::new().add_global_label("instance", instance_id);
-        for d in defs().filter(|d| d.kind == MetricKind::Histogram) {
-            builder =
-                builder.set_buckets_for_metric(Matcher::Full(d.name.to_string()), d.buckets)?;
-        }
-        let recorder = builder.build_recorder();
-        let handle = recorder.handle();
-        for d in defs() {
-            let name = KeyName::from_const_str(d.name);
-            match d.kind {
-                MetricKind::Counter => recorder.describe_counter(name, unit_of(d), d.help.into()),
-                MetricKind::Gauge => recorder.describe_gauge(name, unit_of(d), d.help.into()),
-                MetricKind::Histogram => {
-                    recorder.describe_histogram(name, unit_of(d), d.help.into())
-                }
-            }
-        }
+        let defs = components(role).into_iter().flat_map(catalog::of_component);
+        let registry = CatalogRegistry::new(defs, Some(instance_id))?;
         Ok(Self {
-            registry: Arc::new(Registry { recorder, handle }),
+            registry: Arc::new(registry),
             role,
         })
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.registry.handle.run_upkeep();
-        self.registry.handle.render()
+        self.registry.render()
     }
 
     /// A cheap handle that renders this registry (for a process that serves several services'
     /// metrics on one endpoint, e.g. `pdserve up`).
     pub fn renderer(&self) -> impl Fn() -> String + Send + Sync + 'static {
-        let handle = self.registry.handle.clone();
-        move || {
-            handle.run_upkeep();
-            handle.render()
-        }
+        self.registry.renderer()
     }
 
     /// Handles for this service's engine; `spec_tokens` (the scheduler's MTP depth) bounds the
@@ -419,14 +349,11 @@ impl ServiceMetrics {
             finished: FINISH_REASONS.map(|f| {
                 r.counter(
                     &n.requests_finished_total,
-                    &[("finished_reason", finish_label(f).to_string())],
+                    &[("finished_reason", finish_label(f))],
                 )
             }),
             rejected: RejectReason::ALL.map(|reason| {
-                r.counter(
-                    &n.requests_rejected_total,
-                    &[("reason", reason.as_str().to_string())],
-                )
+                r.counter(&n.requests_rejected_total, &[("reason", reason.as_str())])
             }),
             spec_drafts: spec(&catalog::DECODE_SPEC_DECODE_NUM_DRAFTS_TOTAL),
             spec_draft_tokens: spec(&catalog::DECODE_SPEC_DECODE_NUM_DRAFT_TOKENS_TOTAL),
@@ -436,7 +363,7 @@ impl ServiceMetrics {
                     .map(|p| {
                         r.counter(
                             &catalog::DECODE_SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS_TOTAL,
-                            &[("position", p.to_string())],
+                            &[("position", &p.to_string())],
                         )
                     })
                     .collect()
@@ -453,9 +380,7 @@ impl ServiceMetrics {
         def: &MetricDef,
         labels: &[(&'static str, &'static str)],
     ) -> Counter {
-        let labels: Vec<(&'static str, String)> =
-            labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        self.registry.counter(def, &labels)
+        self.registry.counter(def, labels)
     }
 
     /// A gauge without labels (besides `instance`).
