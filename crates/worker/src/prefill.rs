@@ -35,13 +35,12 @@ use crate::backend::{EngineParts, KvAccess, KvTransferClock, SeqParams};
 use crate::config::PrefillConfig;
 use crate::engine::{
     EngineEvent, EngineHandle, ExportError, KvInput, RequestReport, RequestStream, Submission,
-    spawn_engine,
 };
 use crate::kv::{KvAck, OutgoingKv, encode_kv_frame};
 use crate::metrics::{ServiceMetrics, catalog};
 use crate::service::{
     ExtraLoad, InstanceState, ServeError, failure_to_api, instance_app, instance_stats, scaled,
-    serve_app, validate_common,
+    serve_app, start_engine, validate_common,
 };
 use crate::transfer::{PushError, PushTimeouts, push_frame};
 
@@ -110,13 +109,8 @@ impl PrefillService {
         C: StepClock<SeqParams, E::Routing> + KvTransferClock + Send + 'static,
     {
         config.validate()?;
-        let metrics = ServiceMetrics::new(Role::Prefill, &config.instance_id)
-            .map_err(|e| ServeError::Metrics(e.to_string()))?;
-        let engine = spawn_engine(
-            &config.engine,
-            parts,
-            metrics.engine(config.engine.scheduler.spec_tokens),
-        )?;
+        let (metrics, engine) =
+            start_engine(Role::Prefill, &config.instance_id, &config.engine, parts)?;
         let transfer = TransferMetrics::new(&metrics);
         Ok(Self {
             state: Arc::new(PrefillState {

@@ -11,6 +11,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use pdserve_engine::{Executor, StepClock};
 use pdserve_protocol::http::{ApiJson, method_not_allowed, not_found};
 use pdserve_protocol::internal::{
     ABORT_PATH, AbortRequest, AbortResponse, HEALTH_PATH, HealthResponse, InstanceStats, Role,
@@ -20,8 +21,9 @@ use pdserve_protocol::params::StopParams;
 use pdserve_protocol::{ApiError, ErrorKind};
 use tokio::net::TcpListener;
 
-use crate::config::ConfigError;
-use crate::engine::{EngineHandle, EngineSnapshot, FailureKind, SpawnError};
+use crate::backend::{EngineParts, KvAccess, KvTransferClock, SeqParams};
+use crate::config::{ConfigError, EngineConfig};
+use crate::engine::{EngineHandle, EngineSnapshot, FailureKind, SpawnError, spawn_engine};
 use crate::metrics::ServiceMetrics;
 
 /// Why a service could not start or stopped with an error.
@@ -118,6 +120,23 @@ pub(crate) fn validate_common(
         ));
     }
     Ok(())
+}
+
+/// A service's metrics registry and its engine on `parts`, recording into it.
+pub(crate) fn start_engine<E, C>(
+    role: Role,
+    instance_id: &str,
+    config: &EngineConfig,
+    parts: EngineParts<E, C>,
+) -> Result<(ServiceMetrics, EngineHandle), ServeError>
+where
+    E: Executor<SeqParams> + KvAccess + Send + 'static,
+    C: StepClock<SeqParams, E::Routing> + KvTransferClock + Send + 'static,
+{
+    let metrics =
+        ServiceMetrics::new(role, instance_id).map_err(|e| ServeError::Metrics(e.to_string()))?;
+    let engine = spawn_engine(config, parts, metrics.engine(config.scheduler.spec_tokens))?;
+    Ok((metrics, engine))
 }
 
 /// A role's shared handler state, as the endpoints every instance serves see it.

@@ -38,10 +38,10 @@ use self::rendezvous::{
 };
 use crate::backend::{EngineParts, KvAccess, KvTransferClock, SeqParams};
 use crate::config::DecodeConfig;
-use crate::engine::{EngineEvent, EngineHandle, FailureKind, spawn_engine};
+use crate::engine::{EngineEvent, EngineHandle, FailureKind};
 use crate::metrics::{ServiceMetrics, catalog};
 use crate::service::{
-    ExtraLoad, InstanceState, ServeError, instance_app, instance_stats, serve_app,
+    ExtraLoad, InstanceState, ServeError, instance_app, instance_stats, serve_app, start_engine,
 };
 
 /// The decode service's pre-bound listeners.
@@ -84,13 +84,8 @@ impl DecodeService {
         C: StepClock<SeqParams, E::Routing> + KvTransferClock + Send + 'static,
     {
         config.validate()?;
-        let metrics = ServiceMetrics::new(Role::Decode, &config.instance_id)
-            .map_err(|e| ServeError::Metrics(e.to_string()))?;
-        let engine = spawn_engine(
-            &config.engine,
-            parts,
-            metrics.engine(config.engine.scheduler.spec_tokens),
-        )?;
+        let (metrics, engine) =
+            start_engine(Role::Decode, &config.instance_id, &config.engine, parts)?;
         let rendezvous = RendezvousHandle::spawn(
             engine.clone(),
             RendezvousLimits {
